@@ -1,0 +1,367 @@
+"""``attnswap::attention``: the one canonical op every rewritten site calls.
+
+It is an opaque ``torch.library.custom_op`` (so ``torch.export`` keeps it as one node and the
+ONNX translation can key on it) with a fake implementation and a registered autograd formula whose
+backward is itself an opaque op, ``attnswap::attention_backward``. The implementation dispatches
+on ``impl`` and the device:
+
+* ``"auto"``: CUDA → Triton (softmax without dropout → SDPA, the baseline); CPU → the tiled CPU path.
+* ``"reference"``: the plain-math oracle (backward by autograd through it).
+* ``"cpu"`` / ``"triton"``: force a kernel (``"triton"`` on CPU needs ``TRITON_INTERPRET=1``).
+* ``"sdpa"``: ``F.scaled_dot_product_attention`` (softmax without dropout only).
+
+Every execution is counted in :data:`call_counts`, keyed by ``(kind, impl actually run)``, so
+tests and users can prove that a converted model ran this op and which kernel computed it.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .params import (
+    AttentionParams,
+    LENGTH_KEYS,
+    encode_length,
+    validate_params,
+)
+
+call_counts: collections.Counter = collections.Counter()
+
+
+def reset_call_counts() -> None:
+    call_counts.clear()
+
+
+def total_calls(kind: str | None = None) -> int:
+    return sum(n for (k, _impl), n in call_counts.items() if kind is None or k == kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def validate_inputs(q, k, v, attn_mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims [batch, heads, seq, head_dim]; got shape {_shape(t)}. "
+                "Reshape with .view(B, T, H, D).transpose(1, 2) first."
+            )
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point; got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k and v must share one dtype; got q={q.dtype}, k={k.dtype}, v={v.dtype}. "
+            "Cast them to the same dtype."
+        )
+    B, Hq, Tq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if k.shape[3] != D:
+        raise ValueError(f"k's head dim {k.shape[3]} differs from q's {D} (q {_shape(q)}, k {_shape(k)})")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"v's heads and length {tuple(v.shape[1:3])} differ from k's {tuple(k.shape[1:3])}"
+        )
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"q's heads ({Hq}) must be a multiple of k's and v's heads ({Hkv}) for grouped-query "
+            "attention; allowed Hkv are the divisors of Hq"
+        )
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise ValueError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise ValueError(
+                f"attn_mask must be bool (True = attend) or floating point (added to the scores); "
+                f"got {attn_mask.dtype}"
+            )
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask must have at most 4 dims; got shape {_shape(attn_mask)}")
+        target = (B, Hq, Tq, k.shape[2])
+        try:
+            if torch.broadcast_shapes(_shape(attn_mask), target) != target:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask of shape {_shape(attn_mask)} does not broadcast to the scores' shape "
+                f"[B, Hq, Tq, Tk] = {list(target)}"
+            ) from None
+
+
+def _mask4d(attn_mask):
+    """Unsqueeze (never expand) a mask to 4 dims; kernels broadcast it themselves."""
+    if attn_mask is None:
+        return None
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    return attn_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+
+
+def resolve_impl(impl: str, device: torch.device, params: AttentionParams) -> str:
+    if impl != "auto":
+        return impl
+    if device.type == "cuda":
+        if params.kind == "softmax" and params.dropout_p == 0.0:
+            return "sdpa"
+        return "triton"
+    return "cpu"
+
+
+def _kernel_module(impl: str):
+    if impl == "cpu":
+        from . import cpu
+
+        return cpu
+    if impl == "triton":
+        from . import triton as triton_kernels
+
+        return triton_kernels
+    raise AssertionError(impl)
+
+
+def _params(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation, alpha,
+            length, fast_sigmoid) -> AttentionParams:
+    seed = int(dropout_seed.item()) if dropout_seed is not None else 0
+    return AttentionParams(kind, scale, is_causal, dropout_p, seed, sigmoid_bias, activation,
+                           alpha, length, fast_sigmoid)
+
+
+def _sdpa(q, k, v, mask, p: AttentionParams):
+    # SDPA's float mask must match q's dtype; its GQA needs enable_gqa.
+    is_causal = p.is_causal
+    if mask is not None and is_causal:
+        # SDPA refuses a mask together with is_causal: fold the causal triangle into the mask.
+        tri = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        mask = mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
+        is_causal = False
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=p.scale,
+        enable_gqa=bool(q.shape[1] != k.shape[1]),
+    )
+
+
+def _forward(q, k, v, attn_mask, p: AttentionParams, impl: str):
+    if impl == "reference":
+        return reference.attention_reference(q, k, v, attn_mask, **p.reference_kwargs())
+    if impl == "sdpa":
+        return _sdpa(q, k, v, attn_mask, p)
+    return _kernel_module(impl).forward(q, k, v, attn_mask, p)
+
+
+def _backward_by_recompute(fn, grad_out, q, k, v, mask, need_mask_grad):
+    """Backward of a differentiable torch function by recomputing it under autograd."""
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        mm = mask.detach().requires_grad_(True) if need_mask_grad else mask
+        out = fn(qq, kk, vv, mm)
+        inputs = (qq, kk, vv) + ((mm,) if need_mask_grad else ())
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    return grads[0], grads[1], grads[2], grads[3] if need_mask_grad else None
+
+
+def _recompute_fn(p: AttentionParams, impl: str):
+    if impl == "reference":
+        return lambda a, b, c, m: reference.attention_reference(a, b, c, m, **p.reference_kwargs())
+    return lambda a, b, c, m: _sdpa(a, b, c, m, p)
+
+
+# The reference and SDPA paths are differentiable torch code: their backward recomputes them under
+# autograd, outside any custom op (the dispatcher runs a custom op's body below autograd).
+_RECOMPUTED_IMPLS = ("reference", "sdpa")
+
+
+def _backward(grad_out, q, k, v, attn_mask, out, p: AttentionParams, impl: str, need_mask_grad):
+    if impl in _RECOMPUTED_IMPLS:
+        raise AssertionError(f"impl={impl!r} takes its backward by recomputation")
+    return _kernel_module(impl).backward(grad_out, q, k, v, attn_mask, out, p, need_mask_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# the custom ops
+
+
+@torch.library.custom_op("attnswap::attention", mutates_args=())
+def attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    kind: str,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
+    sigmoid_bias: Optional[float],
+    activation: str,
+    alpha: float,
+    length: int,
+    fast_sigmoid: bool,
+    impl: str,
+) -> torch.Tensor:
+    p = _params(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation, alpha,
+                length, fast_sigmoid)
+    ran = resolve_impl(impl, q.device, p)
+    call_counts[(kind, ran)] += 1
+    return _forward(q, k, v, _mask4d(attn_mask), p, ran).contiguous()
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, attn_mask, kind, scale, is_causal, dropout_p, dropout_seed,
+                    sigmoid_bias, activation, alpha, length, fast_sigmoid, impl):
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
+
+
+@torch.library.custom_op("attnswap::attention_backward", mutates_args=())
+def attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    kind: str,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
+    sigmoid_bias: Optional[float],
+    activation: str,
+    alpha: float,
+    length: int,
+    fast_sigmoid: bool,
+    impl: str,
+    need_mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = _params(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation, alpha,
+                length, fast_sigmoid)
+    ran = resolve_impl(impl, q.device, p)
+    mask4 = _mask4d(attn_mask)
+    dq, dk, dv, dmask = _backward(grad_out.contiguous(), q, k, v, mask4, out, p, ran, need_mask_grad)
+    if need_mask_grad:
+        dmask = dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
+    else:
+        dmask = q.new_empty(0)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, kind, scale, is_causal, dropout_p,
+                             dropout_seed, sigmoid_bias, activation, alpha, length, fast_sigmoid,
+                             impl, need_mask_grad):
+    dmask = attn_mask.new_empty(attn_mask.shape) if need_mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+_NON_TENSOR = ("kind", "scale", "is_causal", "dropout_p", "dropout_seed", "sigmoid_bias",
+               "activation", "alpha", "length", "fast_sigmoid", "impl")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask = inputs[:4]
+    ctx.options = inputs[4:]
+    ctx.need_mask_grad = (
+        attn_mask is not None and attn_mask.dtype.is_floating_point and attn_mask.requires_grad
+    )
+    ctx.save_for_backward(q, k, v, attn_mask, output)
+
+
+def _attention_backward(ctx, grad_out):
+    q, k, v, attn_mask, out = ctx.saved_tensors
+    (kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation, alpha, length,
+     fast_sigmoid, impl) = ctx.options
+    p = _params(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation, alpha,
+                length, fast_sigmoid)
+    ran = resolve_impl(impl, q.device, p)
+    if ran in _RECOMPUTED_IMPLS:
+        dq, dk, dv, dmask = _backward_by_recompute(
+            _recompute_fn(p, ran), grad_out, q, k, v, attn_mask, ctx.need_mask_grad
+        )
+        return (dq, dk, dv, dmask) + (None,) * len(_NON_TENSOR)
+    dq, dk, dv, dmask = attention_backward_op(
+        grad_out, q, k, v, attn_mask, out, *ctx.options, ctx.need_mask_grad
+    )
+    return (dq, dk, dv, dmask if ctx.need_mask_grad else None) + (None,) * len(_NON_TENSOR)
+
+
+attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# the public function
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    kind: str = "softmax",
+    scale: float | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    dropout_seed: int | torch.Tensor | None = None,
+    sigmoid_bias: float | None = None,
+    activation: str = "relu",
+    alpha: float = 1.0,
+    length: int | str | None = None,
+    fast_sigmoid: bool = False,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Attention of ``kind`` with ``F.scaled_dot_product_attention``'s conventions.
+
+    ``scale`` defaults to ``1/sqrt(head_dim)``. ``impl`` defaults to the ``ATTNSWAP_IMPL``
+    environment variable, else ``"auto"``. With ``dropout_p > 0`` and no ``dropout_seed``, a seed
+    is drawn from torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
+    """
+    if impl is None:
+        impl = os.environ.get("ATTNSWAP_IMPL", "auto")
+    validate_inputs(q, k, v, attn_mask)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    params = AttentionParams(
+        kind=kind, scale=float(scale), is_causal=bool(is_causal), dropout_p=float(dropout_p),
+        sigmoid_bias=None if sigmoid_bias is None else float(sigmoid_bias),
+        activation=activation, alpha=float(alpha), length=encode_length(length),
+        fast_sigmoid=bool(fast_sigmoid),
+    )
+    validate_params(params, impl)
+    seed = None
+    if params.dropout_p > 0.0:
+        if dropout_seed is None:
+            seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+        elif isinstance(dropout_seed, torch.Tensor):
+            seed = dropout_seed
+        else:
+            seed = torch.tensor(int(dropout_seed), dtype=torch.int64)
+    return attention_op(
+        q, k, v, attn_mask, params.kind, params.scale, params.is_causal, params.dropout_p, seed,
+        params.sigmoid_bias, params.activation, params.alpha, params.length, params.fast_sigmoid,
+        impl,
+    )
+
+
+__all__ = ["attention", "attention_op", "attention_backward_op", "call_counts",
+           "reset_call_counts", "total_calls", "LENGTH_KEYS"]
