@@ -1,0 +1,199 @@
+"""Canonicalization: replace every detected site by one ``attention_site`` call (kind="softmax").
+
+After this pass the graph computes exactly what it computed before (the identity oracle), but
+each attention is one node whose keyword arguments are the canonical attributes; retargeting
+then only edits those arguments.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .detect import Rejection, Site, find_sites
+from .normalize import shape_of, spell
+from .site_call import attention_site, mha_site
+
+
+@dataclass
+class SiteRecord:
+    """What the report says about one rewritten site."""
+
+    owner: str
+    owner_type: str
+    pattern: str
+    q_shape: tuple | None
+    k_shape: tuple | None
+    v_shape: tuple | None
+    scale: float
+    mask: str
+    causal: bool
+    gqa_groups: int
+    dropout_p: float
+    kind: str = "softmax"
+    options: dict = field(default_factory=dict)
+    node: Any = None  # the call node in the rewritten graph (not serialized)
+
+    def key(self):
+        return (self.owner, self.pattern, self.q_shape, self.k_shape)
+
+
+@dataclass
+class SkipRecord:
+    location: str
+    location_type: str
+    op: str
+    reason: str
+
+
+_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\](\[\d+\])?")
+
+
+def _normalize_path(raw: str) -> str:
+    p = _ROOT.sub("", raw)
+    p = p.replace("._modules", "")
+    p = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", p)
+    p = re.sub(r"\[(\d+)\]", r".\1", p)
+    return p.strip(".")
+
+
+def owner_of(node: fx.Node, root: torch.nn.Module | None = None) -> tuple[str, str]:
+    """Dotted path (relative to ``root``) and class name of the module whose code made ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", type(root).__name__ if root is not None else ""
+    raw, typ = list(stack.values())[-1]
+    typename = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
+    typename = typename.rsplit(".", 1)[-1]
+    path = _normalize_path(raw)
+    if root is not None:
+        names = dict(root.named_modules())
+        parts = path.split(".") if path else []
+        for i in range(len(parts) + 1):
+            cand = ".".join(parts[i:])
+            if cand in names and type(names[cand]).__name__ == typename:
+                return cand, typename
+    return path, typename
+
+
+def _record(site: Site, root) -> SiteRecord:
+    owner, typ = owner_of(site.output, root)
+    k = site.k
+    ks = shape_of(k)
+    if ks is not None and site.k_transposed:
+        ks = ks[:-2] + (ks[-1], ks[-2])
+    return SiteRecord(
+        owner=owner, owner_type=typ, pattern=site.pattern, q_shape=shape_of(site.q), k_shape=ks,
+        v_shape=shape_of(site.v), scale=site.scale, mask=site.mask_kind, causal=site.is_causal,
+        gqa_groups=site.gqa_groups, dropout_p=site.dropout_p,
+    )
+
+
+def _emit(gm: fx.GraphModule, site: Site) -> fx.Node:
+    g = gm.graph
+    with g.inserting_before(site.output):
+        if site.pattern == "nn.MultiheadAttention":
+            a = site.mha_call
+            q_rank = len(shape_of(a["query"]) or (0, 0, 0))
+            new = g.call_function(
+                mha_site,
+                args=(a["query"], a["key"], a["value"], a["embed_dim_to_check"], a["num_heads"],
+                      a.get("in_proj_weight"), a.get("in_proj_bias"), a["out_proj_weight"],
+                      a["out_proj_bias"]),
+                kwargs=dict(
+                    key_padding_mask=a.get("key_padding_mask"), attn_mask=a.get("attn_mask"),
+                    dropout_p=site.dropout_p, training=bool(a.get("training", True)),
+                    use_separate_proj_weight=bool(a.get("use_separate_proj_weight", False)),
+                    q_proj_weight=a.get("q_proj_weight"), k_proj_weight=a.get("k_proj_weight"),
+                    v_proj_weight=a.get("v_proj_weight"), kind="softmax", options={},
+                    batched=q_rank == 3,
+                ),
+            )
+        else:
+            new = g.call_function(
+                attention_site,
+                args=(site.q, site.k, site.v),
+                kwargs=dict(
+                    float_masks=[tuple(m) for m in site.float_masks],
+                    bool_masks=[tuple(m) for m in site.bool_masks],
+                    kind="softmax", scale=float(site.scale), is_causal=site.is_causal,
+                    dropout_p=float(site.dropout_p), k_transposed=site.k_transposed,
+                    out_dtype=site.out_dtype, options={},
+                ),
+            )
+    for key in ("nn_module_stack", "source_fn_stack", "stack_trace", "example_value", "val"):
+        if key in site.output.meta:
+            new.meta[key] = site.output.meta[key]
+    site.output.replace_all_uses_with(new)
+    return new
+
+
+def _erase_dead(gm: fx.GraphModule, site: Site) -> None:
+    """Remove the replaced nodes (they may be in-place ops that generic DCE keeps)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    doomed = [n for n in set(site.nodes + [site.output, site.anchor]) if n in order]
+    for n in sorted(doomed, key=order.get, reverse=True):
+        if not n.users:
+            gm.graph.erase_node(n)
+
+
+_PURE = ("view", "transpose", "permute", "mul", "div", "add", "cast", "identity", "expand",
+         "unsqueeze", "getitem", "repeat_interleave", "matmul")
+
+
+def _erase_unused_pure(gm: fx.GraphModule) -> None:
+    """Drop what the rewritten sites no longer need (the ``k.transpose``, ``q * scale``, the
+    ``repeat_kv`` expansion...). Only out-of-place ops that :func:`spell` knows are removed, so an
+    in-place op whose result is unused but whose effect matters is never touched."""
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(gm.graph.nodes)):
+            if n.users or n.op not in ("call_function", "call_method"):
+                continue
+            if isinstance(n.target, str) and n.target.endswith("_"):
+                continue
+            s = spell(n)
+            if s is not None and s.op in _PURE:
+                gm.graph.erase_node(n)
+                changed = True
+
+
+def canonicalize(
+    gm: fx.GraphModule,
+    root: torch.nn.Module | None = None,
+    *,
+    accept=None,
+) -> tuple[list[SiteRecord], list[SkipRecord]]:
+    """Rewrite every site of ``gm`` into ``attention_site(kind="softmax")`` in place.
+
+    ``accept(record) -> str | None`` may veto a site (returns the reason it is left alone), e.g.
+    an include/exclude filter. Returns the records of rewritten sites and of softmaxes left alone.
+    """
+    sites, rejected = find_sites(gm)
+    records, skipped = [], []
+    for r in rejected:
+        skipped.append(_skip(r, root))
+    for site in sites:
+        rec = _record(site, root)
+        veto = accept(rec) if accept is not None else None
+        if veto:
+            skipped.append(_skip(Rejection(site.anchor, veto), root))
+            continue
+        rec.node = _emit(gm, site)
+        _erase_dead(gm, site)
+        records.append(rec)
+    if records:
+        _erase_unused_pure(gm)
+        gm.recompile()
+    return records, skipped
+
+
+def _skip(r: Rejection, root) -> SkipRecord:
+    owner, typ = owner_of(r.node, root)
+    return SkipRecord(location=owner, location_type=typ, op=str(getattr(r.node.target, "__name__", r.node.target)),
+                      reason=r.reason)

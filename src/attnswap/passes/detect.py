@@ -1,0 +1,506 @@
+"""Detection: one structural rule, anchored on each softmax (DESIGN.md §1.2).
+
+A softmax over the last axis is attention only when
+
+* its input is — through casts, views, constant scales, additive masks, ``masked_fill``/``where``
+  with a very negative fill — the product ``Q @ Kᵀ`` of two *activations* (never a parameter), and
+* its output is — through casts, views and dropout, with no other consumer — the left operand of a
+  matmul with an activation ``V``.
+
+Everything else (classifier heads, MoE routers, softmax over a learned query, probabilities that
+are returned to the caller, soft-capping, learnable temperatures) is left alone with a reason.
+``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward`` are sites by themselves.
+
+Detection reads the graph only; it never depends on module or function names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .normalize import (
+    constant_value,
+    example,
+    is_learnable,
+    is_parameter,
+    is_very_negative,
+    shape_of,
+    dtype_of,
+    spell,
+)
+
+_PASS_THROUGH = ("cast", "identity")
+
+
+@dataclass
+class Site:
+    """A matched attention site, with everything canonicalization needs."""
+
+    pattern: str
+    anchor: fx.Node  # the softmax / sdpa / mha node
+    output: fx.Node  # whose uses the rewritten site takes over
+    q: Any = None
+    k: Any = None
+    v: Any = None
+    k_transposed: bool = False
+    scale: float = 1.0
+    float_masks: list = field(default_factory=list)  # (node, coef, at_shape)
+    bool_masks: list = field(default_factory=list)  # (node, negate, at_shape)
+    is_causal: bool = False
+    dropout_p: float = 0.0
+    gqa_groups: int = 1
+    out_dtype: Any = None
+    mha_call: Any = None  # for pattern "nn.MultiheadAttention": (args, kwargs)
+    nodes: list = field(default_factory=list)  # nodes the site replaces (for bookkeeping)
+
+    @property
+    def mask_kind(self) -> str:
+        kinds = []
+        if self.bool_masks:
+            kinds.append("bool")
+        if self.float_masks:
+            kinds.append("float")
+        return "+".join(kinds) or "none"
+
+
+@dataclass
+class Rejection:
+    node: fx.Node
+    reason: str
+
+
+class _Reject(Exception):
+    pass
+
+
+def _norm_dim(d, rank):
+    return d + rank if isinstance(d, int) and d < 0 else d
+
+
+def _is_last_two_swap(s, rank) -> bool:
+    if s.op == "transpose":
+        d = {_norm_dim(x, rank) for x in s.attrs["dims"]}
+        return d == {rank - 2, rank - 1}
+    if s.op == "permute":
+        dims = [_norm_dim(x, rank) for x in s.attrs["dims"]]
+        return dims == list(range(rank - 2)) + [rank - 1, rank - 2]
+    return False
+
+
+def _reaches_matmul(node, depth=0) -> bool:
+    """Cheap test: can ``node`` be the score chain (leads back to a matmul through chain ops)?"""
+    if depth > 24 or not isinstance(node, fx.Node):
+        return False
+    s = spell(node)
+    if s is None:
+        return False
+    if s.op in ("matmul", "baddbmm"):
+        return True
+    if s.op in _PASS_THROUGH + ("view", "tanh"):
+        return _reaches_matmul(s.args[0], depth + 1)
+    if s.op in ("mul", "div", "add"):
+        return _reaches_matmul(s.args[0], depth + 1) or _reaches_matmul(s.args[1], depth + 1)
+    if s.op == "masked_fill":
+        return _reaches_matmul(s.args[0], depth + 1)
+    if s.op == "where":
+        return _reaches_matmul(s.args[1], depth + 1) or _reaches_matmul(s.args[2], depth + 1)
+    return False
+
+
+def _scalar_factor(node) -> tuple[Any, float] | None:
+    """``(inner, f)`` when ``node`` is ``inner * f`` or ``inner / f`` with a constant ``f``."""
+    s = spell(node)
+    if s is None or s.op not in ("mul", "div"):
+        return None
+    a, b = s.args
+    if s.op == "mul" and constant_value(a) is not None and isinstance(b, fx.Node):
+        a, b = b, a
+    f = constant_value(b)
+    if f is None or not isinstance(a, fx.Node):
+        return None
+    return a, (f if s.op == "mul" else 1.0 / f)
+
+
+def _single_user(node: fx.Node, what: str):
+    users = [u for u in node.users]
+    if len(users) != 1:
+        raise _Reject(
+            f"the attention {what} have {len(users)} consumers (for example attention weights "
+            "returned to the caller, need_weights=True or output_attentions=True); the canonical "
+            "op cannot expose them"
+        )
+    return users[0]
+
+
+def _unwrap_scales(node):
+    f = 1.0
+    while True:
+        sf = _scalar_factor(node)
+        if sf is None:
+            s = spell(node)
+            if s is not None and s.op == "identity":
+                node = s.args[0]
+                continue
+            return node, f
+        node, g = sf
+        f *= g
+
+
+def _repeat_kv_base(node, rank):
+    """The un-repeated K/V of ``repeat_kv`` (expand+reshape) or ``repeat_interleave`` on dim 1."""
+    if rank != 4:
+        return None
+    s = spell(node)
+    if s is None:
+        return None
+    if s.op == "repeat_interleave":
+        if _norm_dim(s.attrs.get("dim"), 4) == 1 and isinstance(s.attrs.get("repeats"), int):
+            return s.args[0], s.attrs["repeats"]
+        return None
+    if s.op != "view":
+        return None
+    e = spell(s.args[0])
+    if e is None or e.op != "expand":
+        return None
+    src = e.args[0]
+    u = spell(src)
+    base = None
+    if u is not None and u.op == "unsqueeze" and _norm_dim(u.attrs["dim"], 5) == 2:
+        base = u.args[0]
+    elif u is not None and u.op == "getitem":
+        idx = u.attrs["index"]
+        if (isinstance(idx, tuple) and len(idx) >= 3 and idx[2] is None
+                and all(isinstance(i, slice) and i == slice(None) for i in idx[:2])
+                and all(isinstance(i, slice) and i == slice(None) for i in idx[3:])):
+            base = u.args[0]
+    if base is None:
+        return None
+    bs, full = shape_of(base), shape_of(node)
+    if bs is None or full is None or len(bs) != 4:
+        return None
+    if not isinstance(bs[1], int) or not isinstance(full[1], int) or full[1] % bs[1]:
+        return None
+    return base, full[1] // bs[1]
+
+
+def _match_probabilities(sm: fx.Node, site: Site):
+    """Walk softmax → value matmul; return (pv_node, V, dropout_p)."""
+    cur, dropout_p = sm, 0.0
+    for _ in range(16):
+        u = _single_user(cur, "probabilities")
+        site.nodes.append(u)
+        s = spell(u)
+        if s is None:
+            raise _Reject(f"the probabilities feed `{u.format_node()}` rather than a value matmul")
+        if s.op in _PASS_THROUGH and s.args[0] is cur:
+            cur = u
+            continue
+        if s.op == "view" and s.args[0] is cur:
+            a, b = shape_of(cur), shape_of(u)
+            if a is None or b is None or a[-1] != b[-1]:
+                raise _Reject("a view between softmax and the value matmul changes the key axis")
+            cur = u
+            continue
+        if s.op == "dropout" and s.args[0] is cur:
+            p = constant_value(s.attrs["p"])
+            if p is None or not isinstance(s.attrs["training"], bool):
+                raise _Reject("attention dropout with a non-constant probability or mode")
+            if s.attrs["training"] and p > 0:
+                if dropout_p:
+                    raise _Reject("two dropouts on the attention probabilities")
+                dropout_p = p
+            cur = u
+            continue
+        if s.op == "matmul" and s.args[0] is cur and not s.attrs.get("rhs_transposed"):
+            return u, s.args[1], dropout_p
+        if s.op == "mul":
+            raise _Reject("the probabilities are multiplied by a tensor (e.g. a head mask) "
+                          "before the value matmul")
+        raise _Reject(f"the probabilities feed `{u.target}` rather than the left operand of a "
+                      "value matmul")
+    raise _Reject("probability chain too long")
+
+
+def _match_scores(sm: fx.Node, site: Site):
+    """Walk softmax input → Q @ Kᵀ, collecting scale and masks; return the QK matmul spelling."""
+    steps = []  # from softmax inwards
+    cur = spell(sm).args[0]
+    view_shape = None  # shape args of the innermost view seen so far (from softmax inward)
+    for _ in range(32):
+        if not isinstance(cur, fx.Node):
+            raise _Reject("the scores are not a tensor computed in this graph")
+        if cur.op == "placeholder":
+            raise _Reject("the scores come from outside this graph (a graph break inside the "
+                          "attention?)")
+        s = spell(cur)
+        if s is None:
+            raise _Reject(f"the scores come from `{cur.target}`, not from a matmul of two "
+                          "activations")
+        site.nodes.append(cur)
+        if len(cur.users) != 1:
+            raise _Reject(f"intermediate scores `{cur.name}` have {len(cur.users)} consumers")
+        if s.op in _PASS_THROUGH:
+            cur = s.args[0]
+            continue
+        if s.op == "view":
+            a, b = shape_of(cur), shape_of(s.args[0])
+            if a is None or b is None or a[-1] != b[-1]:
+                raise _Reject("a view of the scores changes the key axis")
+            steps.append(("view", cur, None))
+            cur = s.args[0]
+            continue
+        if s.op == "tanh":
+            raise _Reject("logit soft-capping (tanh on the scores) is not expressible by the "
+                          "canonical op")
+        if s.op in ("mul", "div"):
+            sf = _scalar_factor(cur)
+            if sf is not None:
+                steps.append(("scale", cur, sf[1]))
+                cur = sf[0]
+                continue
+            a, b = s.args
+            other = b if _reaches_matmul(a) else a
+            if is_learnable(other):
+                raise _Reject("the scores are scaled by a learnable tensor temperature")
+            raise _Reject("the scores are scaled by a tensor, not a constant")
+        if s.op == "add":
+            a, b = s.args
+            if _reaches_matmul(a):
+                chain, other = a, b
+            elif _reaches_matmul(b):
+                chain, other = b, a
+            else:
+                raise _Reject("no matmul found under the scores")
+            if not isinstance(other, fx.Node):
+                raise _Reject("a constant is added to the scores")
+            steps.append(("add", cur, other))
+            cur = chain
+            continue
+        if s.op == "masked_fill":
+            val = constant_value(s.attrs["value"])
+            if not is_very_negative(val):
+                raise _Reject(f"masked_fill of the scores with {s.attrs['value']!r}, not a very "
+                              "negative value")
+            steps.append(("bool", cur, (s.args[1], True)))
+            cur = s.args[0]
+            continue
+        if s.op == "where":
+            cond, x, y = s.args
+            if is_very_negative(constant_value(y)) and _reaches_matmul(x):
+                steps.append(("bool", cur, (cond, False)))
+                cur = x
+                continue
+            if is_very_negative(constant_value(x)) and _reaches_matmul(y):
+                steps.append(("bool", cur, (cond, True)))
+                cur = y
+                continue
+            raise _Reject("torch.where on the scores with a fill that is not very negative")
+        if s.op == "matmul":
+            return cur, s, steps
+        if s.op == "baddbmm":
+            beta, alpha = constant_value(s.attrs["beta"]), constant_value(s.attrs["alpha"])
+            if beta != 1.0 or alpha is None:
+                raise _Reject("baddbmm with beta != 1 or a non-constant alpha")
+            steps.append(("add", cur, s.args[0]))
+            if alpha != 1.0:
+                steps.append(("scale", cur, alpha))
+            return cur, s, steps
+        raise _Reject(f"the scores come from `{cur.target}`, not from a matmul")
+    raise _Reject("score chain too long")
+
+
+def _fold_steps(site: Site, steps):
+    """Fold the steps (matmul outwards) into one scale and the site's masks."""
+    scale = 1.0
+    at_shape = None
+    for op, node, arg in reversed(steps):
+        if op == "view":
+            at_shape = _shape_args(node)
+        elif op == "scale":
+            if arg <= 0 and (site.bool_masks or site.float_masks):
+                raise _Reject("a non-positive scale after a mask")
+            scale *= arg
+            site.float_masks = [(m, c * arg, a) for m, c, a in site.float_masks]
+        elif op == "add":
+            site.float_masks.append((arg, 1.0, at_shape))
+        elif op == "bool":
+            m, negate = arg
+            if dtype_of(m) not in (torch.bool, None):
+                raise _Reject("masked_fill/where condition is not a bool tensor")
+            site.bool_masks.append((m, negate, at_shape))
+    return scale
+
+
+def _shape_args(view_node: fx.Node):
+    s = spell(view_node)
+    shape = s.attrs["shape"]
+    if isinstance(shape, (list, tuple)) and len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+        shape = shape[0]
+    shp = shape_of(view_node)
+    # Prefer the recorded static shape (it resolves -1); fall back to the view's own arguments.
+    if shp is not None and all(isinstance(x, int) for x in shp):
+        return tuple(shp)
+    return tuple(shape)
+
+
+def match_softmax(sm: fx.Node) -> Site:
+    s = spell(sm)
+    rank = len(shape_of(sm) or ())
+    dim = s.attrs["dim"]
+    if not isinstance(dim, int) or _norm_dim(dim, rank) != rank - 1:
+        raise _Reject(f"softmax over axis {dim}, not the last (key) axis")
+    site = Site(pattern="matmul-softmax-matmul", anchor=sm, output=None, nodes=[sm])
+    pv, v, dropout_p = _match_probabilities(sm, site)
+    qk_node, qk, steps = _match_scores(sm, site)
+    if qk.op == "baddbmm":
+        site.pattern = "baddbmm-softmax-bmm"
+        a, b = qk.args[1], qk.args[2]
+    else:
+        a, b = qk.args
+        if qk_node.op == "call_function" and "einsum" in str(qk_node.target):
+            site.pattern = "einsum-softmax-einsum"
+    srank = len(shape_of(qk_node) or ())
+    q, fq = _unwrap_scales(a)
+    if qk.attrs.get("rhs_transposed"):
+        kt, fk = _unwrap_scales(b)
+        k, k_transposed = kt, False
+    else:
+        kt, fk = _unwrap_scales(b)
+        ks = spell(kt)
+        if ks is not None and _is_last_two_swap(ks, srank):
+            k, fk2 = _unwrap_scales(ks.args[0])
+            fk *= fk2
+            k_transposed = False
+        else:
+            k, k_transposed = kt, True
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if is_parameter(t):
+            raise _Reject(f"the {name} operand is a parameter, not an activation (a learned "
+                          "query/router is not attention)")
+    site.scale = fq * fk * _fold_steps(site, steps)
+    if site.scale <= 0 or not math.isfinite(site.scale):
+        raise _Reject(f"scale {site.scale} is not positive and finite")
+    if not k_transposed:
+        base_k, base_v = _repeat_kv_base(k, srank), _repeat_kv_base(v, srank)
+        if base_k and base_v and base_k[1] == base_v[1]:
+            k, v = base_k[0], base_v[0]
+            site.gqa_groups = base_k[1]
+    site.q, site.k, site.v, site.k_transposed = q, k, v, k_transposed
+    site.output = pv
+    site.dropout_p = dropout_p
+    site.out_dtype = dtype_of(pv)
+    return site
+
+
+def match_sdpa(node: fx.Node) -> Site:
+    def arg(i, name, default=None):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    q, k, v = node.args[:3]
+    mask = arg(3, "attn_mask")
+    dropout_p = constant_value(arg(4, "dropout_p", 0.0))
+    is_causal = arg(5, "is_causal", False)
+    scale = arg(6, "scale", None)
+    if dropout_p is None or not isinstance(is_causal, bool):
+        raise _Reject("scaled_dot_product_attention with a non-constant dropout_p or is_causal")
+    qs = shape_of(q)
+    if scale is None:
+        if qs is None or not isinstance(qs[-1], int):
+            raise _Reject("query head dim unknown")
+        scale = 1.0 / math.sqrt(qs[-1])
+    else:
+        scale = constant_value(scale)
+        if scale is None:
+            raise _Reject("scaled_dot_product_attention with a non-constant scale")
+    site = Site(pattern="scaled_dot_product_attention", anchor=node, output=node, q=q, k=k, v=v,
+                scale=scale, is_causal=is_causal, dropout_p=dropout_p, out_dtype=dtype_of(node))
+    if mask is not None:
+        if dtype_of(mask) == torch.bool:
+            site.bool_masks.append((mask, False, None))
+        else:
+            site.float_masks.append((mask, 1.0, None))
+    base_k, base_v = _repeat_kv_base(k, 4), _repeat_kv_base(v, 4)
+    if base_k and base_v and base_k[1] == base_v[1]:
+        site.k, site.v = base_k[0], base_v[0]
+    ks = shape_of(site.k)
+    if qs and ks and len(qs) == 4 and isinstance(qs[1], int) and isinstance(ks[1], int):
+        site.gqa_groups = max(1, qs[1] // ks[1])
+    return site
+
+
+def match_mha(node: fx.Node) -> Site:
+    names = ["query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
+             "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
+             "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
+             "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+             "static_k", "static_v", "average_attn_weights", "is_causal"]
+    a = dict(zip(names, node.args))
+    a.update(node.kwargs)
+    for unsupported in ("bias_k", "bias_v", "static_k", "static_v"):
+        if a.get(unsupported) is not None:
+            raise _Reject(f"nn.MultiheadAttention with {unsupported} is not supported")
+    if a.get("add_zero_attn"):
+        raise _Reject("nn.MultiheadAttention with add_zero_attn is not supported")
+    # Attention weights are output [1]; if anything reads them, they escape the canonical op.
+    out_node = None
+    for u in node.users:
+        s = spell(u)
+        if s is None or s.op != "getitem" or s.attrs["index"] not in (0, 1):
+            raise _Reject("the multi_head_attention_forward result is used as a whole")
+        if s.attrs["index"] == 1 and len(u.users) > 0:
+            raise _Reject("the attention weights of nn.MultiheadAttention are consumed "
+                          "(need_weights=True and used)")
+        if s.attrs["index"] == 0:
+            out_node = u
+    if out_node is None:
+        raise _Reject("the attention output is unused")
+    for k in ("embed_dim_to_check", "num_heads", "dropout_p", "training"):
+        if isinstance(a.get(k), fx.Node):
+            raise _Reject(f"nn.MultiheadAttention with a non-constant {k}")
+    E, H = a["embed_dim_to_check"], a["num_heads"]
+    site = Site(pattern="nn.MultiheadAttention", anchor=node, output=out_node,
+                q=a["query"], k=a["key"], v=a["value"], scale=(E // H) ** -0.5,
+                dropout_p=a["dropout_p"] if a["training"] else 0.0, out_dtype=dtype_of(out_node))
+    if a.get("key_padding_mask") is not None:
+        site.float_masks.append((a["key_padding_mask"], 1.0, None))
+    if a.get("attn_mask") is not None:
+        site.float_masks.append((a["attn_mask"], 1.0, None))
+    site.mha_call = a
+    return site
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Rejection]]:
+    """Every attention site in ``gm`` and every softmax-like node left alone, with the reason."""
+    sites, rejected = [], []
+    claimed = set()
+    for node in list(gm.graph.nodes):
+        s = spell(node)
+        if s is None:
+            continue
+        try:
+            if s.op == "softmax":
+                site = match_softmax(node)
+            elif s.op == "sdpa":
+                site = match_sdpa(node)
+            elif s.op == "mha":
+                site = match_mha(node)
+            elif s.op in ("fused_mha", "sdpa_flash_cpu"):
+                raise _Reject(f"fused attention kernel `{node.target}` (PyTorch's inference fast "
+                              "path) cannot be rewritten; run with torch.backends.mha."
+                              "set_fastpath_enabled(False)")
+            else:
+                continue
+        except _Reject as e:
+            rejected.append(Rejection(node, str(e)))
+            continue
+        if site.output in claimed:
+            rejected.append(Rejection(node, "overlaps another attention site"))
+            continue
+        claimed.add(site.output)
+        sites.append(site)
+    return sites, rejected

@@ -1,0 +1,169 @@
+"""What a rewritten site runs: fold the site's masks, bring q/k/v to the op's 4-d layout, call
+``attnswap::attention``, and hand the result back in the layout the model expects.
+
+The canonicalize pass replaces each attention site by one call to :func:`attention_site` whose
+arguments are the site's activations and whose keyword arguments are the canonical attributes
+(kind, scale, causal, dropout, options). Retargeting edits those keyword arguments; SAS and
+QK-norm wrap the same call with learnable transforms of q, k and v (see ``passes/extras.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.op import attention
+
+# (tensor, coefficient, shape the tensor was broadcast against or None)
+FloatMask = tuple
+# (tensor, negate, shape or None): attend where (~tensor if negate else tensor)
+BoolMask = tuple
+
+
+def _to_scores(t: torch.Tensor, at_shape, scores_shape) -> torch.Tensor:
+    if at_shape is None:
+        return t
+    return t.expand(*at_shape).reshape(scores_shape)
+
+
+def fold_masks(float_masks: Sequence[FloatMask], bool_masks: Sequence[BoolMask], scores_shape):
+    """One mask with the op's semantics (bool True = attend, float = added) or None."""
+    total = None
+    for m, coef, at in float_masks:
+        t = _to_scores(m, at, scores_shape)
+        if coef != 1.0:
+            t = t * coef
+        total = t if total is None else total + t
+    attend = None
+    for m, negate, at in bool_masks:
+        t = _to_scores(m, at, scores_shape)
+        if t.dtype != torch.bool:
+            t = t.bool()
+        t = ~t if negate else t
+        attend = t if attend is None else attend & t
+    if attend is None:
+        return total
+    if total is None:
+        return attend
+    return total.masked_fill(~attend, float("-inf"))
+
+
+def _batch_to_4d(t: torch.Tensor) -> torch.Tensor:
+    r = t.dim()
+    if r == 4:
+        return t
+    if r < 4:
+        return t.reshape((1,) * (4 - r) + tuple(t.shape))
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def attention_site(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    float_masks: Sequence[FloatMask] = (),
+    bool_masks: Sequence[BoolMask] = (),
+    kind: str = "softmax",
+    scale: float,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    k_transposed: bool = False,
+    out_dtype: torch.dtype | None = None,
+    options: dict | None = None,
+    qkv_transform: Callable | None = None,
+) -> torch.Tensor:
+    """Attention of ``kind`` with the layout of the site it replaces.
+
+    ``q`` is ``[*batch, Tq, D]``; ``k`` is ``[*batch_kv, Tk, D]`` (or its transpose when
+    ``k_transposed``); ``v`` is ``[*batch_kv, Tk, Dv]``. ``batch_kv`` may have fewer heads than
+    ``batch`` (grouped-query attention, folded from ``repeat_kv``).
+    """
+    if k_transposed:
+        k = k.transpose(-2, -1)
+    dtype = q.dtype
+    if k.dtype != dtype:
+        k = k.to(dtype)
+    if v.dtype != dtype:
+        v = v.to(dtype)
+    scores_shape = (*q.shape[:-1], k.shape[-2])
+    mask = fold_masks(float_masks, bool_masks, scores_shape)
+    batch_shape = q.shape[:-2]
+    q4, k4, v4 = _batch_to_4d(q), _batch_to_4d(k), _batch_to_4d(v)
+    if mask is not None and q.dim() > 4:
+        mask = mask.expand(scores_shape).reshape(*q4.shape[:-1], k4.shape[-2])
+    opts = dict(options or {})
+    if qkv_transform is not None:
+        out4 = qkv_transform(q4, k4, v4, mask, kind=kind, scale=scale, is_causal=is_causal,
+                             dropout_p=dropout_p, options=opts)
+    else:
+        out4 = attention(q4, k4, v4, mask, kind=kind, scale=scale, is_causal=is_causal,
+                         dropout_p=dropout_p, **opts)
+    out = out4.reshape(*batch_shape, q.shape[-2], v.shape[-1])
+    if out_dtype is not None and out.dtype != out_dtype:
+        out = out.to(out_dtype)
+    return out
+
+
+def _mha_additive(mask, heads, dtype):
+    """nn.MultiheadAttention masks are True = *not* allowed; float masks are added."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def mha_site(
+    query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias, out_proj_weight,
+    out_proj_bias, *, key_padding_mask=None, attn_mask=None, dropout_p=0.0, training=True,
+    use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None,
+    kind="softmax", options=None, qkv_transform=None, batched=True,
+):
+    """``F.multi_head_attention_forward`` (sequence-first, no bias_k/bias_v/zero-attn) with the
+    attention itself computed by ``attnswap::attention``; returns the attention output only."""
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt, bsz, _ = query.shape
+    src = key.shape[0]
+    head_dim = embed_dim // num_heads
+    if use_separate_proj_weight:
+        bq = bk = bv = None
+        if in_proj_bias is not None:
+            bq, bk, bv = in_proj_bias.chunk(3)
+        q = F.linear(query, q_proj_weight, bq)
+        k = F.linear(key, k_proj_weight, bk)
+        v = F.linear(value, v_proj_weight, bv)
+    else:
+        w_q, w_k, w_v = in_proj_weight.chunk(3)
+        b_q = b_k = b_v = None
+        if in_proj_bias is not None:
+            b_q, b_k, b_v = in_proj_bias.chunk(3)
+        q = F.linear(query, w_q, b_q)
+        k = F.linear(key, w_k, b_k)
+        v = F.linear(value, w_v, b_v)
+    # [T, N, E] -> [N, H, T, hd]
+    q = q.view(tgt, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
+    k = k.view(src, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
+    v = v.view(src, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
+    float_masks = []
+    am = _mha_additive(attn_mask, num_heads, q.dtype)
+    if am is not None:
+        am = am.view(bsz, num_heads, tgt, src) if am.dim() == 3 else am
+        float_masks.append((am, 1.0, None))
+    kpm = _mha_additive(key_padding_mask, num_heads, q.dtype)
+    if kpm is not None:
+        float_masks.append((kpm.view(bsz, 1, 1, src), 1.0, None))
+    out = attention_site(
+        q, k, v, float_masks=float_masks, kind=kind, scale=head_dim ** -0.5,
+        dropout_p=dropout_p if training else 0.0, options=options, qkv_transform=qkv_transform,
+    )
+    out = out.permute(2, 0, 1, 3).reshape(tgt * bsz, embed_dim)
+    out = F.linear(out, out_proj_weight, out_proj_bias).view(tgt, bsz, embed_dim)
+    if not batched:
+        out = out.squeeze(1)
+    return out
