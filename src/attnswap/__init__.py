@@ -1,7 +1,19 @@
-"""attnswap: swap any PyTorch model's softmax attention for sigmoid, ReLU or SAS attention."""
+"""attnswap: swap any PyTorch model's softmax attention for sigmoid, ReLU or SAS attention.
+
+    model = attnswap.convert(model, attention="sigmoid")     # same class, same call signature
+    print(model.attnswap_report)                              # what was found, changed, left alone
+"""
 
 from .kernels.op import attention, call_counts, reset_call_counts, total_calls
+from .passes.retarget import RetargetSpec as AttentionSpec
+from .rewriter.backend import AttentionSwapWarning, attnswap_backend
+from .rewriter.convert import convert, report_of
+from .rewriter.report import ConversionReport
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "call_counts", "reset_call_counts", "total_calls", "__version__"]
+__all__ = [
+    "convert", "report_of", "ConversionReport", "AttentionSpec", "AttentionSwapWarning",
+    "attention", "attnswap_backend", "call_counts", "reset_call_counts", "total_calls",
+    "__version__",
+]

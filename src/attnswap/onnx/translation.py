@@ -21,12 +21,13 @@ onnxruntime runs the result. The math mirrors :mod:`attnswap.kernels.reference` 
 * sigmoid: ``σ(S + b)``, ``b = -ln(Tk)`` from the runtime key length or the pinned
   ``sigmoid_bias``; relu: ``L^-α · h(S)`` with the mask applied *after* ``h``.
 
-Softmax is emitted as the decomposition (MatMul → Add/Where → Softmax → MatMul), not as the
-opset-23 ``Attention`` op: onnxruntime's CPU ``Attention`` does not give our semantics for
-fully-masked rows (it returns NaN/uniform rows where SDPA and the reference give 0), does not
-accept a mask together with ``is_causal`` and runs in the input dtype rather than fp32;
-the decomposition keeps a ``Softmax`` node that onnxruntime's optimizer can fuse.
-See :func:`make_translation` for the ``use_attention_op`` switch that emits it anyway.
+Softmax: at opset >= 23, a softmax site with no mask or a bool mask becomes one ONNX
+``Attention`` node (onnxruntime 1.32's CPU kernel matches the reference there, fully-masked rows
+included, and ran about 2x faster than the decomposition for B=4, H=8, T=512, D=64 causal).
+Below opset 23, or with a float mask, softmax is the decomposition MatMul → Add/Where → Softmax
+→ MatMul (+ a NaN → 0 guard for fully-masked rows): onnxruntime's ``Attention`` zeroes a row
+whose float mask is all ``finfo.min`` where SDPA averages it, and rejects a mask that broadcasts
+over the query axis (we expand it). ``make_translation(attention_op=...)`` forces either choice.
 """
 
 from __future__ import annotations
@@ -198,23 +199,31 @@ def _activation(b: _Builder, name: str, s, opset: int):
     )
 
 
-def make_translation(opset: int = MIN_OPSET, *, use_attention_op: bool = False) -> Callable:
+def make_translation(opset: int = MIN_OPSET, *, attention_op: bool | None = None) -> Callable:
     """A translation function for ``torch.ops.attnswap.attention.default`` at ``opset``.
 
-    ``opset`` only picks newer single ops where they exist (``Gelu`` at 20); the graph is valid
-    at any opset >= 18. ``use_attention_op=True`` emits softmax sites without a mask or with a
-    bool mask as the opset-23 ``Attention`` op (requires ``opset >= 23``); fully-masked rows
-    then follow onnxruntime, not the reference, so it is off by default.
+    ``opset`` picks newer single ops where they exist (``Gelu`` at 20, ``Attention`` at 23);
+    the decomposition itself is valid at any opset >= 18.
+
+    ``attention_op`` decides how *softmax* sites without a float mask are emitted:
+    ``None`` (auto) → the opset-23 ``Attention`` op when ``opset >= 23``, else the decomposition;
+    ``True`` → always the ``Attention`` op (``ValueError`` below opset 23); ``False`` → always the
+    decomposition. Softmax sites with a float mask always use the decomposition: onnxruntime's
+    ``Attention`` zeroes rows whose mask is all ``finfo.min`` where SDPA (and so the reference)
+    averages them.
     """
+    opset = int(opset)
     if opset < MIN_OPSET:
         raise ValueError(
-            f"opset {opset} is too old: exporting attnswap::attention needs ONNX opset >= {MIN_OPSET}"
+            f"opset {opset} is too old: exporting attnswap::attention needs ONNX opset >= "
+            f"{MIN_OPSET}"
         )
-    if use_attention_op and opset < ATTENTION_OP_OPSET:
+    if attention_op and opset < ATTENTION_OP_OPSET:
         raise ValueError(
-            f"use_attention_op=True needs ONNX opset >= {ATTENTION_OP_OPSET} (the Attention op); "
-            f"got opset {opset}"
+            f"attention_op=True needs ONNX opset >= {ATTENTION_OP_OPSET} (the Attention op); "
+            f"got opset {opset}. Pass opset={ATTENTION_OP_OPSET} or attention_op=None."
         )
+    use_attention_op = opset >= ATTENTION_OP_OPSET if attention_op is None else bool(attention_op)
 
     def attnswap_attention(
         q,
@@ -233,6 +242,7 @@ def make_translation(opset: int = MIN_OPSET, *, use_attention_op: bool = False) 
         fast_sigmoid: bool = False,
         impl: str = "auto",
     ):
+        # dropout_seed, fast_sigmoid and impl do not change the inference math: ignored.
         return _translate(
             q, k, v, attn_mask, kind=kind, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
             sigmoid_bias=sigmoid_bias, activation=activation, alpha=alpha, length=length,
@@ -240,6 +250,7 @@ def make_translation(opset: int = MIN_OPSET, *, use_attention_op: bool = False) 
         )
 
     attnswap_attention.opset = opset  # type: ignore[attr-defined]
+    attnswap_attention.uses_attention_op = use_attention_op  # type: ignore[attr-defined]
     return attnswap_attention
 
 
@@ -259,7 +270,9 @@ def _translate(q, k, v, attn_mask, *, kind, scale, is_causal, dropout_p, sigmoid
     ct = ir.DataType.DOUBLE if in_dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
     b = _Builder(op, ct)
 
-    if use_attention_op and kind == "softmax":
+    if use_attention_op and kind == "softmax" and (
+        attn_mask is None or attn_mask.dtype == ir.DataType.BOOL
+    ):
         return _softmax_attention_op(b, q, k, v, attn_mask, scale=scale, is_causal=is_causal,
                                      in_dtype=in_dtype)
 
@@ -351,23 +364,26 @@ def _translate(q, k, v, attn_mask, *, kind, scale, is_causal, dropout_p, sigmoid
 
 
 def _softmax_attention_op(b: _Builder, q, k, v, attn_mask, *, scale, is_causal, in_dtype):
-    """Softmax attention as one opset-23 ``Attention`` node (fp32 inside)."""
+    """Softmax attention as one opset-23 ``Attention`` node, fp32 inside (bool mask or none).
+
+    onnxruntime's ``Attention`` takes GQA from the 4-D shapes, aligns ``is_causal`` top-left and
+    gives 0 for a fully-masked row, like SDPA. It needs the mask's query axis to be full size
+    (no broadcasting there), and the mask and ``is_causal`` are not combined: we fold the
+    triangle into the mask.
+    """
     from onnxscript import opset23
 
     op = b.op
     qf, kf, vf = b.cast(q, b.ct), b.cast(k, b.ct), b.cast(v, b.ct)
     mask = attn_mask
     causal = 1 if is_causal else 0
-    if mask is not None and mask.dtype != b.ir.DataType.BOOL:
-        mask = b.cast(mask, b.ct)  # a float mask must have Q's type
-    if is_causal and mask is not None:
-        # ONNX Attention takes either a mask or is_causal: fold the triangle into the mask
-        tri = _causal_triangle(b, q, k)
-        if mask.dtype == b.ir.DataType.BOOL:
-            mask = op.And(mask, tri)
+    if mask is not None:
+        if is_causal:
+            mask = op.And(mask, _causal_triangle(b, q, k))
+            causal = 0
         else:
-            mask = op.Where(tri, mask, b.const(float("-inf")))
-        causal = 0
+            # broadcast the query axis: [..., 1 or Tq, Tk] → [..., Tq, Tk] (rank >= 2)
+            mask = op.Expand(mask, op.Concat(b.dim(q, 2), b.ints([1]), axis=0))
     outs = opset23.Attention(qf, kf, vf, mask, is_causal=causal, scale=float(scale))
     out = outs[0] if isinstance(outs, (tuple, list)) else outs
     return b.cast(out, in_dtype)
@@ -377,15 +393,18 @@ attnswap_attention = make_translation(MIN_OPSET)
 """The translation at the lowest supported opset (valid for any opset >= 18)."""
 
 
-def translation_table(opset: int | None = None, *, use_attention_op: bool = False) -> dict:
-    """``{torch.ops.attnswap.attention.default: fn}`` for ``custom_translation_table=``."""
+def translation_table(opset: int | None = None, *, attention_op: bool | None = None) -> dict:
+    """``{torch.ops.attnswap.attention.default: fn}`` for ``torch.onnx.export``'s
+    ``custom_translation_table=``. Pass the same ``opset`` as ``opset_version=`` (``None``: a
+    translation valid at every opset >= 18)."""
     import torch
 
     import attnswap.kernels.op  # noqa: F401  (registers torch.ops.attnswap.attention)
 
-    fn = attnswap_attention if opset is None and not use_attention_op else make_translation(
-        MIN_OPSET if opset is None else opset, use_attention_op=use_attention_op
-    )
+    if opset is None and attention_op is None:
+        fn = attnswap_attention
+    else:
+        fn = make_translation(MIN_OPSET if opset is None else opset, attention_op=attention_op)
     return {torch.ops.attnswap.attention.default: fn}
 
 

@@ -39,7 +39,8 @@ class SiteRecord:
     node: Any = None  # the call node in the rewritten graph (not serialized)
 
     def key(self):
-        return (self.owner, self.pattern, self.q_shape, self.k_shape)
+        # Recompiles (new lengths, train/eval) meet the same site again: one entry per module.
+        return (self.owner, self.pattern)
 
 
 @dataclass
@@ -80,6 +81,11 @@ def owner_of(node: fx.Node, root: torch.nn.Module | None = None) -> tuple[str, s
     return path, typename
 
 
+def _plain(shape):
+    """Shapes for the report: ints stay ints, symbolic sizes become their names (``s0``)."""
+    return None if shape is None else tuple(x if isinstance(x, int) else str(x) for x in shape)
+
+
 def _record(site: Site, root) -> SiteRecord:
     owner, typ = owner_of(site.output, root)
     k = site.k
@@ -87,8 +93,8 @@ def _record(site: Site, root) -> SiteRecord:
     if ks is not None and site.k_transposed:
         ks = ks[:-2] + (ks[-1], ks[-2])
     return SiteRecord(
-        owner=owner, owner_type=typ, pattern=site.pattern, q_shape=shape_of(site.q), k_shape=ks,
-        v_shape=shape_of(site.v), scale=site.scale, mask=site.mask_kind, causal=site.is_causal,
+        owner=owner, owner_type=typ, pattern=site.pattern, q_shape=_plain(shape_of(site.q)),
+        k_shape=_plain(ks), v_shape=_plain(shape_of(site.v)), scale=site.scale, mask=site.mask_kind, causal=site.is_causal,
         gqa_groups=site.gqa_groups, dropout_p=site.dropout_p,
     )
 

@@ -1,0 +1,560 @@
+"""Tiled CPU kernels for ``attnswap::attention``: forward and backward of every kind, in torch.
+
+The score matrix is never held for the whole sequence: queries and keys are walked in tiles of
+``block_q x block_k`` (batched over batch and heads), so the extra memory is a few tiles plus
+O(T·D) buffers, while the work stays in large ``bmm`` / ``baddbmm`` calls (MKL) and vectorized
+in-place pointwise ops. Semantics are exactly those of :mod:`.reference` (the oracle).
+
+Layout. A query head ``h`` reads key/value head ``h // G`` (``G = Hq // Hkv``). Instead of
+repeating K and V, the queries of one key/value head are stacked as the rows of one matrix:
+``q [B, Hq, Tq, D]`` becomes ``[B·Hkv, Tq·G, D]`` with row ``i·G + g`` holding query ``i`` of
+group member ``g`` ("rows layout"). A query tile ``[i0, i1)`` is then a contiguous block of rows,
+every tile is one ``bmm`` against ``k [B·Hkv, Tk, D]``, and ``dK = dSᵀ Q`` sums over the group
+for free. Masks, the causal triangle and the dropout pattern are broadcast onto the 5-dim view
+``[B, Hkv, n, G, m]`` of a score tile, never expanded.
+
+Kinds.
+
+* ``softmax``: online softmax (running max and sum) in the forward. The op does not store the
+  log-sum-exp, so the backward recomputes it in a first pass, then uses ``D_i = rowsum(dO∘O)``.
+* ``sigmoid`` / ``relu``: no running max, no row sum, no rescaling; the backward recomputes P
+  from Q, K (and the mask) and needs only dO: ``dV = Pᵀ dO``, ``dP = dO Vᵀ``,
+  ``dS = h'(S)·L^−α ⊙ dP`` (sigmoid: ``P(1−P) ⊙ dP``), ``dQ = scale·dS K``, ``dK = scale·dSᵀ Q``.
+  The per-row factor ``L^−α`` and the dropout factor ``1/(1−p)`` are folded into dO once.
+
+Masking costs. Key tiles entirely above the causal diagonal are skipped; the causal triangle is
+applied only on tiles that cross the diagonal. Masks are applied with broadcast ``mul_``/``add_``
+of 0/1 or 0/−inf float tiles: ``masked_fill_``/``where`` are ~30x slower on CPU.
+
+``fast_sigmoid`` is ignored here: torch's ``sigmoid`` is already the accurate one and the tanh
+approximation would be slower on a CPU (``tanh`` costs ~3x ``sigmoid`` in torch).
+
+Tile sizes. ``BLOCK_Q`` / ``BLOCK_K`` (module-level defaults) are shrunk for large batch×heads so a
+tile stays under ``MAX_TILE_ELEMS`` elements. The environment variable ``ATTNSWAP_CPU_BLOCK``
+overrides both exactly: ``"64"`` (both) or ``"64,128"`` (block_q, block_k); it is read at each call,
+so tests can use tiny tiles to exercise partial and diagonal tiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .dropout import tile_keep_mask
+from .params import LENGTH_KEYS, LENGTH_VISIBLE, AttentionParams
+from .reference import compute_dtype, float_mask_is_masked
+
+BLOCK_Q = 256
+BLOCK_K = 512
+MIN_BLOCK = 32
+# One score tile (all batches and heads together) holds at most this many elements (16 MiB fp32).
+MAX_TILE_ELEMS = 1 << 22
+
+ENV_BLOCK = "ATTNSWAP_CPU_BLOCK"
+
+_aten = torch.ops.aten
+
+
+def block_sizes(rows_per_query: int) -> tuple[int, int]:
+    """(block_q, block_k) for a problem with ``rows_per_query = B·Hq`` score rows per query."""
+    env = os.environ.get(ENV_BLOCK, "").strip()
+    if env:
+        try:
+            parts = [int(x) for x in env.replace(" ", "").split(",")]
+            if len(parts) == 1:
+                parts = parts * 2
+            bq, bk = parts
+            if bq <= 0 or bk <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"{ENV_BLOCK}={env!r} must be one positive int or two separated by a comma "
+                "(block_q,block_k)"
+            ) from None
+        return bq, bk
+    bq, bk = BLOCK_Q, BLOCK_K
+    while rows_per_query * bq * bk > MAX_TILE_ELEMS and max(bq, bk) > MIN_BLOCK:
+        if bq >= bk and bq > MIN_BLOCK:
+            bq //= 2
+        else:
+            bk //= 2
+    return bq, bk
+
+
+class _Problem:
+    """Shapes, the rows-layout operands and per-tile masks of one call."""
+
+    def __init__(self, q, k, v, attn_mask, p: AttentionParams):
+        self.p = p
+        self.B, self.Hq, self.Tq, self.D = q.shape
+        self.Hkv, self.Tk, self.Dv = k.shape[1], k.shape[2], v.shape[3]
+        self.G = self.Hq // self.Hkv
+        self.BH = self.B * self.Hkv
+        self.ct = compute_dtype(q.dtype)
+        self.dtype = q.dtype
+        self.mask = attn_mask
+        self.bq, self.bk = block_sizes(self.B * self.Hq)
+        # Q pre-multiplied by the scale: S = Qs Kᵀ, and dK = dSᵀ Qs already carries the scale.
+        self.qs = self.rows(q.to(self.ct)) * p.scale
+        self.k = k.to(self.ct).reshape(self.BH, self.Tk, self.D)
+        self.v = v.to(self.ct).reshape(self.BH, self.Tk, self.Dv)
+        self.empty = 0 in (self.B, self.Hq, self.Tq, self.Tk)
+        self._causal_cache: dict = {}
+        self._row_scale = None
+
+    # -- layout ---------------------------------------------------------------------------------
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, Hq, Tq, X]`` → rows layout ``[B·Hkv, Tq·G, X]`` (a view when G == 1)."""
+        X = x.shape[-1]
+        x = x.reshape(self.B, self.Hkv, self.G, self.Tq, X)
+        return x.transpose(2, 3).reshape(self.BH, self.Tq * self.G, X)
+
+    def unrows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows layout → ``[B, Hq, Tq, X]``."""
+        X = x.shape[-1]
+        x = x.view(self.B, self.Hkv, self.Tq, self.G, X)
+        return x.transpose(2, 3).reshape(self.B, self.Hq, self.Tq, X)
+
+    def view5(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """A ``[B·Hkv, n·G, m]`` tile as ``[B, Hkv, n, G, m]``."""
+        return t.view(self.B, self.Hkv, n, self.G, t.shape[-1])
+
+    def heads5(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, h, n, m]`` with h in {1, Hq} → broadcastable to ``[B, Hkv, n, G, m]``."""
+        if x.shape[1] == 1:
+            return x.unsqueeze(3)
+        return x.reshape(x.shape[0], self.Hkv, self.G, x.shape[2], x.shape[3]).transpose(2, 3)
+
+    # -- tiles ----------------------------------------------------------------------------------
+    def key_end(self, i1: int) -> int:
+        """Keys at or after this index are invisible to every query before ``i1``."""
+        return min(self.Tk, i1) if self.p.is_causal else self.Tk
+
+    def query_start(self, j0: int) -> int:
+        """Queries before this index see none of the keys from ``j0`` on."""
+        return min(j0, self.Tq) if self.p.is_causal else 0
+
+    def _causal_tile(self, i0, n, j0, m, additive: bool):
+        key = (n, m, i0 - j0, additive)
+        t = self._causal_cache.get(key)
+        if t is None:
+            vis = torch.ones(n, m, dtype=torch.bool).tril_(i0 - j0)
+            if additive:
+                t = torch.zeros(n, m, dtype=self.ct).masked_fill_(~vis, float("-inf"))
+            else:
+                t = vis.to(self.ct)
+            t = t.view(n, 1, m)
+            self._causal_cache[key] = t
+        return t
+
+    def _mask_slice(self, i0, i1, j0, j1):
+        m = self.mask
+        qs = slice(i0, i1) if m.shape[2] != 1 else slice(None)
+        ks = slice(j0, j1) if m.shape[3] != 1 else slice(None)
+        return m[:, :, qs, ks], qs, ks
+
+    def tile_masks(self, i0, i1, j0, j1):
+        """(adds, muls): tensors to add to / multiply into the ``[B, Hkv, n, G, m]`` tile view.
+
+        softmax: ``adds`` only (0/−inf for causal and bool masks, the float mask as is);
+        sigmoid/relu: ``adds`` = the float mask with masked entries zeroed (applied to S),
+        ``muls`` = 0/1 visibility (applied after the activation).
+        """
+        n, m = i1 - i0, j1 - j0
+        softmax = self.p.kind == "softmax"
+        adds, muls = [], []
+        if self.p.is_causal and j1 - 1 > i0:
+            (adds if softmax else muls).append(self._causal_tile(i0, n, j0, m, softmax))
+        if self.mask is not None:
+            mt, _, _ = self._mask_slice(i0, i1, j0, j1)
+            if mt.dtype == torch.bool:
+                vis = mt.to(self.ct)
+                if softmax:
+                    adds.append(self.heads5(vis.log_()))  # log: 1 → 0, 0 → −inf
+                else:
+                    muls.append(self.heads5(vis))
+            elif softmax:
+                adds.append(self.heads5(mt.to(self.ct)))
+            else:
+                vis = (~float_mask_is_masked(mt)).to(self.ct)
+                lo = torch.finfo(self.ct).min
+                add = torch.clamp_min(mt.to(self.ct), lo).mul_(vis)  # masked → 0 (−inf too)
+                adds.append(self.heads5(add))
+                muls.append(self.heads5(vis))
+        return adds, muls
+
+    def keep_tile(self, i0, i1, j0, j1):
+        """The dropout keep pattern of a tile as a 0/1 float ``[B, Hkv, n, G, m]`` view."""
+        p = self.p
+        keep = tile_keep_mask(p.dropout_seed, p.dropout_p, (self.B, self.Hq, self.Tq, self.Tk),
+                              i0, i1 - i0, j0, j1 - j0)
+        return self.heads5(keep.to(self.ct))
+
+    # -- ReLU's per-row factor L^-alpha ---------------------------------------------------------
+    def row_scale(self):
+        """``L^−α`` as a float, or per row as ``[B·Hkv, Tq·G, 1]`` (length="visible")."""
+        if self._row_scale is not None:
+            return self._row_scale
+        p = self.p
+        if p.kind != "relu":
+            r = 1.0
+        elif p.length == LENGTH_KEYS:
+            r = float(self.Tk) ** (-p.alpha)
+        elif p.length != LENGTH_VISIBLE:
+            r = float(p.length) ** (-p.alpha)
+        else:
+            n = self.visible_counts()
+            r = torch.where(n > 0, n.clamp_min(1.0) ** (-p.alpha), torch.zeros_like(n))
+        self._row_scale = r
+        return r
+
+    def visible_counts(self) -> torch.Tensor:
+        """Per query row, the number of keys it may attend (causal and mask), rows layout."""
+        counts = torch.zeros(self.B, self.Hkv, self.Tq, self.G, dtype=self.ct)
+        for i0 in range(0, self.Tq, self.bq):
+            i1 = min(self.Tq, i0 + self.bq)
+            for j0 in range(0, self.key_end(i1), self.bk):
+                j1 = min(self.key_end(i1), j0 + self.bk)
+                _, muls = self.tile_masks(i0, i1, j0, j1)
+                vis = None
+                for t in muls:
+                    vis = t if vis is None else vis * t
+                if vis is None:
+                    counts[:, :, i0:i1] += j1 - j0
+                else:
+                    c = vis.expand(*vis.shape[:-1], j1 - j0).sum(-1)
+                    counts[:, :, i0:i1] += c.expand(self.B, self.Hkv, i1 - i0, self.G)
+        return counts.view(self.BH, self.Tq * self.G, 1)
+
+    # -- the mask gradient ----------------------------------------------------------------------
+    def add_mask_grad(self, dmask, ds5, i0, i1, j0, j1):
+        """Accumulate a tile of dS (``[B, Hkv, n, G, m]``) into dL/dmask (the mask's shape)."""
+        mb, mh, mq, mk = self.mask.shape
+        dims = [d for d, keep in ((0, mb != 1), (2, mq != 1), (4, mk != 1)) if not keep]
+        if mh == 1:
+            dims += [1, 3]
+        red = ds5.sum(dim=sorted(dims), keepdim=True) if dims else ds5
+        # [b, hkv, n, g, m] → [b, Hq or 1, n, m]
+        red = red.transpose(2, 3).reshape(red.shape[0], mh, red.shape[2], red.shape[4])
+        _, qs, ks = self._mask_slice(i0, i1, j0, j1)
+        dmask[:, :, qs, ks] += red
+
+
+# ----------------------------------------------------------------------------------------------
+# pointwise kinds: sigmoid and relu
+
+
+def _activation_inplace(name: str, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """h(s) for ReLU attention, written into ``out`` (which may be ``s`` itself)."""
+    if name == "relu":
+        return torch.clamp_min(s, 0.0, out=out)
+    if name == "relu2":
+        torch.clamp_min(s, 0.0, out=out)
+        return out.mul_(out)
+    if name == "gelu":
+        return _aten.gelu.out(s, out=out)
+    if name == "softplus":
+        return _aten.softplus.out(s, 1.0, 20.0, out=out)
+    if name == "identity":
+        return out if out is s else out.copy_(s)
+    if name == "relu6":
+        return torch.clamp(s, 0.0, 6.0, out=out)
+    if name == "sigmoid":
+        return torch.sigmoid(s, out=out)
+    raise ValueError(f"activation={name!r} is not supported by the CPU kernel")
+
+
+# Activations whose derivative can be read off P = h(S)·vis (and is 0 where vis is 0), so S need
+# not be kept; the others keep S and multiply dS by the visibility.
+_GRAD_FROM_P = ("relu", "sigmoid", "relu6")
+
+
+def _pointwise_probs(prob: _Problem, s, i0, i1, j0, j1, keep_s: bool, pbuf):
+    """Turn a score tile ``s`` (= Qs Kᵀ) into weights P (masked entries exactly 0).
+
+    Returns (P, muls). P is ``s`` itself unless ``keep_s``, in which case P is written to ``pbuf``
+    and ``s`` keeps the (masked-bias-added) scores for the backward.
+    """
+    p = prob.p
+    n = i1 - i0
+    adds, muls = prob.tile_masks(i0, i1, j0, j1)
+    s5 = prob.view5(s, n)
+    for a in adds:
+        s5.add_(a)
+    if p.kind == "sigmoid":
+        s.add_(p.sigmoid_b(prob.Tk))
+        P = torch.sigmoid(s, out=pbuf if keep_s else s)
+    else:
+        P = _activation_inplace(p.activation, s, pbuf if keep_s else s)
+    P5 = prob.view5(P, n)
+    for mm in muls:
+        P5.mul_(mm)
+    return P, muls
+
+
+def _pointwise_forward(prob: _Problem) -> torch.Tensor:
+    p = prob.p
+    BH, G, bq, bk = prob.BH, prob.G, prob.bq, prob.bk
+    out = torch.empty(BH, prob.Tq * G, prob.Dv, dtype=prob.ct)
+    sbuf = torch.empty(BH * min(bq, prob.Tq) * G * min(bk, prob.Tk), dtype=prob.ct)
+    factor = prob.row_scale()
+    if p.dropout_p > 0:
+        factor = factor * (1.0 / (1.0 - p.dropout_p))
+    for i0 in range(0, prob.Tq, bq):
+        i1 = min(prob.Tq, i0 + bq)
+        n = i1 - i0
+        qt = prob.qs[:, i0 * G:i1 * G]
+        acc = out[:, i0 * G:i1 * G]
+        first = True
+        kend = prob.key_end(i1)
+        for j0 in range(0, kend, bk):
+            j1 = min(kend, j0 + bk)
+            s = sbuf[:BH * n * G * (j1 - j0)].view(BH, n * G, j1 - j0)
+            torch.bmm(qt, prob.k[:, j0:j1].transpose(1, 2), out=s)
+            P, _ = _pointwise_probs(prob, s, i0, i1, j0, j1, keep_s=False, pbuf=None)
+            if p.dropout_p > 0:
+                prob.view5(P, n).mul_(prob.keep_tile(i0, i1, j0, j1))
+            if first:
+                acc.copy_(torch.bmm(P, prob.v[:, j0:j1]))
+                first = False
+            else:
+                acc.baddbmm_(P, prob.v[:, j0:j1])
+        if first:
+            acc.zero_()
+    if isinstance(factor, torch.Tensor) or factor != 1.0:
+        out.mul_(factor)
+    return out
+
+
+def _pointwise_backward(prob: _Problem, grad_out, need_mask_grad):
+    p = prob.p
+    BH, G, bq, bk = prob.BH, prob.G, prob.bq, prob.bk
+    act = "sigmoid" if p.kind == "sigmoid" else p.activation
+    keep_s = p.kind == "relu" and act not in _GRAD_FROM_P
+    # dO with L^-alpha (per row) and 1/(1-p) folded in: dV = Pᵀ dO', dP' = dO' Vᵀ.
+    factor = prob.row_scale()
+    if p.dropout_p > 0:
+        factor = factor * (1.0 / (1.0 - p.dropout_p))
+    do = prob.rows(grad_out.to(prob.ct))
+    if isinstance(factor, torch.Tensor) or factor != 1.0:
+        do = do * factor
+    dq = torch.zeros(BH, prob.Tq * G, prob.D, dtype=prob.ct)
+    dk = torch.zeros(BH, prob.Tk, prob.D, dtype=prob.ct)
+    dv = torch.zeros(BH, prob.Tk, prob.Dv, dtype=prob.ct)
+    dmask = (torch.zeros(prob.mask.shape, dtype=prob.ct) if need_mask_grad else None)
+    tile = min(bq, prob.Tq) * G * min(bk, prob.Tk) * BH
+    sbuf = torch.empty(tile, dtype=prob.ct)
+    dpbuf = torch.empty(tile, dtype=prob.ct)
+    pbuf = torch.empty(tile, dtype=prob.ct) if (keep_s or p.dropout_p > 0) else None
+    for j0 in range(0, prob.Tk, bk):
+        j1 = min(prob.Tk, j0 + bk)
+        m = j1 - j0
+        kt, vt = prob.k[:, j0:j1], prob.v[:, j0:j1]
+        dk_j, dv_j = dk[:, j0:j1], dv[:, j0:j1]
+        for i0 in range(prob.query_start(j0), prob.Tq, bq):
+            i1 = min(prob.Tq, i0 + bq)
+            n = i1 - i0
+            rs = slice(i0 * G, i1 * G)
+            qt, dot = prob.qs[:, rs], do[:, rs]
+            size = BH * n * G * m
+            s = sbuf[:size].view(BH, n * G, m)
+            torch.bmm(qt, kt.transpose(1, 2), out=s)
+            pb = pbuf[:size].view(BH, n * G, m) if keep_s else None
+            P, muls = _pointwise_probs(prob, s, i0, i1, j0, j1, keep_s=keep_s, pbuf=pb)
+            dp = dpbuf[:size].view(BH, n * G, m)
+            torch.bmm(dot, vt.transpose(1, 2), out=dp)
+            if p.dropout_p > 0:
+                keep = prob.keep_tile(i0, i1, j0, j1)
+                if keep_s:  # P lives in pbuf: keep S; write the dropped P over nothing we need
+                    pd = torch.mul(prob.view5(P, n), keep)
+                    dv_j.baddbmm_(pd.view(BH, n * G, m).transpose(1, 2), dot)
+                else:
+                    pd = pbuf[:size].view(BH, n * G, m)
+                    torch.mul(prob.view5(P, n), keep, out=prob.view5(pd, n))
+                    dv_j.baddbmm_(pd.transpose(1, 2), dot)
+                prob.view5(dp, n).mul_(keep)
+            else:
+                dv_j.baddbmm_(P.transpose(1, 2), dot)
+            # dS = h'(S) ⊙ dP, written over dP; exactly 0 at masked positions.
+            if act == "sigmoid":
+                ds = _aten.sigmoid_backward.grad_input(dp, P, grad_input=dp)
+            elif act == "relu":
+                ds = _aten.threshold_backward.grad_input(dp, P, 0.0, grad_input=dp)
+            elif act == "relu6":
+                ds = _aten.hardtanh_backward.grad_input(dp, P, 0.0, 6.0, grad_input=dp)
+            else:
+                if act == "relu2":  # h' = 2·relu(S)
+                    ds = dp.mul_(s.clamp_min_(0.0)).mul_(2.0)
+                elif act == "gelu":
+                    ds = _aten.gelu_backward.grad_input(dp, s, grad_input=dp)
+                elif act == "softplus":
+                    ds = _aten.softplus_backward.grad_input(dp, s, 1.0, 20.0, grad_input=dp)
+                elif act == "identity":
+                    ds = dp
+                else:  # pragma: no cover - validated earlier
+                    raise ValueError(act)
+                ds5 = prob.view5(ds, n)
+                for mm in muls:
+                    ds5.mul_(mm)
+            dq[:, rs].baddbmm_(ds, kt, alpha=p.scale)
+            dk_j.baddbmm_(ds.transpose(1, 2), qt)
+            if dmask is not None:
+                prob.add_mask_grad(dmask, prob.view5(ds, n), i0, i1, j0, j1)
+    return dq, dk, dv, dmask
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax
+
+
+def _softmax_forward(prob: _Problem, want_out: bool = True):
+    """Online softmax. Returns (out in rows layout or None, (m, log l)), both ``[B·Hkv, Tq·G, 1]``.
+
+    The log-sum-exp is kept as its two parts, the row max ``m`` and ``log l``: with HF-style masks
+    (``finfo.min`` entries) ``m`` can be ~1e38, and ``m + log l`` would lose ``log l`` entirely.
+    ``P = exp((S − m) − log l)``; ``log l`` is +inf on rows that see no key, so P is 0 there.
+    """
+    p = prob.p
+    BH, G, bq, bk = prob.BH, prob.G, prob.bq, prob.bk
+    out = torch.empty(BH, prob.Tq * G, prob.Dv, dtype=prob.ct) if want_out else None
+    row_max = torch.empty(BH, prob.Tq * G, 1, dtype=prob.ct)
+    log_sum = torch.empty(BH, prob.Tq * G, 1, dtype=prob.ct)
+    sbuf = torch.empty(BH * min(bq, prob.Tq) * G * min(bk, prob.Tk), dtype=prob.ct)
+    for i0 in range(0, prob.Tq, bq):
+        i1 = min(prob.Tq, i0 + bq)
+        n = i1 - i0
+        rs = slice(i0 * G, i1 * G)
+        qt = prob.qs[:, rs]
+        m_i = torch.full((BH, n * G, 1), float("-inf"), dtype=prob.ct)
+        l_i = torch.zeros(BH, n * G, 1, dtype=prob.ct)
+        acc = out[:, rs] if want_out else None
+        if want_out:
+            acc.zero_()
+        kend = prob.key_end(i1)
+        for j0 in range(0, kend, bk):
+            j1 = min(kend, j0 + bk)
+            s = sbuf[:BH * n * G * (j1 - j0)].view(BH, n * G, j1 - j0)
+            torch.bmm(qt, prob.k[:, j0:j1].transpose(1, 2), out=s)
+            adds, _ = prob.tile_masks(i0, i1, j0, j1)
+            s5 = prob.view5(s, n)
+            for a in adds:
+                s5.add_(a)
+            m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
+            m_safe = m_new.nan_to_num(neginf=0.0)  # a row with nothing visible yet: keep it finite
+            s.sub_(m_safe).exp_()
+            corr = (m_i - m_safe).exp_()
+            l_i.mul_(corr).add_(s.sum(-1, keepdim=True))
+            if want_out:
+                acc.mul_(corr)
+                if p.dropout_p > 0:
+                    s5.mul_(prob.keep_tile(i0, i1, j0, j1))
+                acc.baddbmm_(s, prob.v[:, j0:j1])
+            m_i = m_new
+        empty = l_i == 0
+        if want_out:
+            inv = torch.where(empty, 0.0, 1.0 / l_i)
+            if p.dropout_p > 0:
+                inv.mul_(1.0 / (1.0 - p.dropout_p))
+            acc.mul_(inv)
+        row_max[:, rs] = m_i.nan_to_num(neginf=0.0)
+        log_sum[:, rs] = torch.where(empty, float("inf"), l_i.log())
+    return out, (row_max, log_sum)
+
+
+def _softmax_backward(prob: _Problem, grad_out, out, need_mask_grad):
+    p = prob.p
+    BH, G, bq, bk = prob.BH, prob.G, prob.bq, prob.bk
+    # Pass 1: the log-sum-exp (and, for low-precision inputs, the fp32 output for D).
+    exact_out = out is not None and out.dtype == prob.ct
+    o32, (row_max, log_sum) = _softmax_forward(prob, want_out=not exact_out)
+    if exact_out:
+        o32 = prob.rows(out)
+    do = prob.rows(grad_out.to(prob.ct))
+    drow = (do * o32).sum(-1, keepdim=True)  # D_i = rowsum(dO ∘ O)
+    if p.dropout_p > 0:
+        do = do * (1.0 / (1.0 - p.dropout_p))
+    dq = torch.zeros(BH, prob.Tq * G, prob.D, dtype=prob.ct)
+    dk = torch.zeros(BH, prob.Tk, prob.D, dtype=prob.ct)
+    dv = torch.zeros(BH, prob.Tk, prob.Dv, dtype=prob.ct)
+    dmask = torch.zeros(prob.mask.shape, dtype=prob.ct) if need_mask_grad else None
+    tile = min(bq, prob.Tq) * G * min(bk, prob.Tk) * BH
+    sbuf = torch.empty(tile, dtype=prob.ct)
+    dpbuf = torch.empty(tile, dtype=prob.ct)
+    pdbuf = torch.empty(tile, dtype=prob.ct) if p.dropout_p > 0 else None
+    for j0 in range(0, prob.Tk, bk):
+        j1 = min(prob.Tk, j0 + bk)
+        m = j1 - j0
+        kt, vt = prob.k[:, j0:j1], prob.v[:, j0:j1]
+        dk_j, dv_j = dk[:, j0:j1], dv[:, j0:j1]
+        for i0 in range(prob.query_start(j0), prob.Tq, bq):
+            i1 = min(prob.Tq, i0 + bq)
+            n = i1 - i0
+            rs = slice(i0 * G, i1 * G)
+            qt, dot = prob.qs[:, rs], do[:, rs]
+            size = BH * n * G * m
+            s = sbuf[:size].view(BH, n * G, m)
+            torch.bmm(qt, kt.transpose(1, 2), out=s)
+            adds, _ = prob.tile_masks(i0, i1, j0, j1)
+            s5 = prob.view5(s, n)
+            for a in adds:
+                s5.add_(a)
+            P = s.sub_(row_max[:, rs]).sub_(log_sum[:, rs]).exp_()
+            dp = dpbuf[:size].view(BH, n * G, m)
+            torch.bmm(dot, vt.transpose(1, 2), out=dp)
+            if p.dropout_p > 0:
+                keep = prob.keep_tile(i0, i1, j0, j1)
+                pd = pdbuf[:size].view(BH, n * G, m)
+                torch.mul(prob.view5(P, n), keep, out=prob.view5(pd, n))
+                dv_j.baddbmm_(pd.transpose(1, 2), dot)
+                prob.view5(dp, n).mul_(keep)
+            else:
+                dv_j.baddbmm_(P.transpose(1, 2), dot)
+            ds = dp.sub_(drow[:, rs]).mul_(P)  # dS = P ⊙ (dP − D)
+            dq[:, rs].baddbmm_(ds, kt, alpha=p.scale)
+            dk_j.baddbmm_(ds.transpose(1, 2), qt)
+            if dmask is not None:
+                prob.add_mask_grad(dmask, prob.view5(ds, n), i0, i1, j0, j1)
+    return dq, dk, dv, dmask
+
+
+# ----------------------------------------------------------------------------------------------
+# entry points (called by op.py)
+
+
+def forward(q, k, v, attn_mask, p: AttentionParams) -> torch.Tensor:
+    """Attention of kind ``p.kind``: ``out [B, Hq, Tq, Dv]`` in q's dtype."""
+    prob = _Problem(q, k, v, attn_mask, p)
+    if prob.empty:
+        return q.new_zeros((prob.B, prob.Hq, prob.Tq, prob.Dv))
+    if p.kind == "softmax":
+        out, _ = _softmax_forward(prob)
+    elif p.kind in ("sigmoid", "relu"):
+        out = _pointwise_forward(prob)
+    else:
+        raise ValueError(f"kind={p.kind!r} is not supported by the CPU kernel")
+    return prob.unrows(out).to(q.dtype)
+
+
+def backward(grad_out, q, k, v, attn_mask, out, p: AttentionParams, need_mask_grad: bool):
+    """(dq, dk, dv, dmask or None); dmask has ``attn_mask``'s shape (float masks only)."""
+    need_mask_grad = bool(need_mask_grad and attn_mask is not None
+                          and attn_mask.dtype.is_floating_point)
+    prob = _Problem(q, k, v, attn_mask, p)
+    if prob.empty:
+        dmask = torch.zeros(attn_mask.shape, dtype=prob.ct) if need_mask_grad else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask
+    if p.kind == "softmax":
+        dq, dk, dv, dmask = _softmax_backward(prob, grad_out, out, need_mask_grad)
+    elif p.kind in ("sigmoid", "relu"):
+        dq, dk, dv, dmask = _pointwise_backward(prob, grad_out, need_mask_grad)
+    else:
+        raise ValueError(f"kind={p.kind!r} is not supported by the CPU kernel")
+    dq = prob.unrows(dq)
+    dk = dk.view(prob.B, prob.Hkv, prob.Tk, prob.D)
+    dv = dv.view(prob.B, prob.Hkv, prob.Tk, prob.Dv)
+    return dq, dk, dv, dmask
+
+
+__all__ = ["forward", "backward", "block_sizes", "BLOCK_Q", "BLOCK_K", "MAX_TILE_ELEMS",
+           "ENV_BLOCK"]

@@ -1,0 +1,131 @@
+"""Learnable pieces a retargeted site may carry: SAS expansions (DESIGN.md §3) and QK-norm.
+
+They live in an :class:`AttentionExtras` module registered on the attention module the site came
+from (``<owner>.attnswap``), so ``model.parameters()``, optimizers and ``state_dict()`` see them
+under that module's path. The rewritten graph calls that same module object.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels.op import attention
+from .site_call import attention_site, mha_site
+
+
+class HeadExpansion(nn.Module):
+    """H → r·H heads: ``Conv1d`` over the feature axis with heads as channels, then a
+    pre-activation residual block ``x + Conv1d(ReLU(x))``."""
+
+    def __init__(self, heads: int, ratio: int, kernel_size: int, init: str):
+        super().__init__()
+        self.heads, self.ratio = heads, ratio
+        pad = kernel_size // 2
+        self.expand = nn.Conv1d(heads, ratio * heads, kernel_size, padding=pad)
+        self.residual = nn.Conv1d(ratio * heads, ratio * heads, kernel_size, padding=pad)
+        if init == "identity":
+            with torch.no_grad():
+                # Centre tap copies head h to heads h, h+H, h+2H, ...: group g is the original.
+                self.expand.weight.zero_()
+                self.expand.bias.zero_()
+                for g in range(ratio):
+                    for h in range(heads):
+                        self.expand.weight[g * heads + h, h, pad] = 1.0
+                self.residual.weight.zero_()
+                self.residual.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = x.shape
+        y = x.transpose(1, 2).reshape(B * T, H, D)
+        y = self.expand(y)
+        y = y + self.residual(F.relu(y))
+        return y.view(B, T, self.ratio * H, D).transpose(1, 2)
+
+
+class DimExpansion(nn.Module):
+    """D → D' for q and k: ``Linear(D, D')`` then ``x + Linear(D', D')(ReLU(x))``."""
+
+    def __init__(self, dim: int, new_dim: int, init: str):
+        super().__init__()
+        self.proj = nn.Linear(dim, new_dim)
+        self.residual = nn.Linear(new_dim, new_dim)
+        if init == "identity":
+            with torch.no_grad():
+                # [I; 0] scaled by (D'/D)^(1/4): with the SAS scale below, logits are unchanged.
+                self.proj.weight.zero_()
+                self.proj.weight[:dim, :dim] = torch.eye(dim) * (new_dim / dim) ** 0.25
+                self.proj.bias.zero_()
+                self.residual.weight.zero_()
+                self.residual.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        return y + self.residual(F.relu(y))
+
+
+class SAS(nn.Module):
+    """Simulated attention score: expanded heads and dims, softmax, PEAA group average."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, ratio: int = 2,
+                 dim: int | None = None, kernel_size: int = 3, init: str = "identity"):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.ratio = heads, kv_heads, head_dim, ratio
+        self.dim = dim or 2 * head_dim
+        self.q_heads = HeadExpansion(heads, ratio, kernel_size, init)
+        self.k_heads = HeadExpansion(kv_heads, ratio, kernel_size, init)
+        self.v_heads = HeadExpansion(kv_heads, ratio, kernel_size, init)
+        self.q_dim = DimExpansion(head_dim, self.dim, init)
+        self.k_dim = DimExpansion(head_dim, self.dim, init)
+
+    def forward(self, q, k, v, mask, *, scale, is_causal, dropout_p, options):
+        B, H, T, D = q.shape
+        q2 = self.q_dim(self.q_heads(q))
+        k2 = self.k_dim(self.k_heads(k))
+        v2 = self.v_heads(v)
+        if mask is not None and mask.dim() == 4 and mask.shape[1] == H and H > 1:
+            mask = mask.repeat(1, self.ratio, 1, 1)  # head g·H+h uses head h's mask
+        # 1/sqrt(D') for the usual 1/sqrt(D) site scale; any other site scale keeps its ratio.
+        sas_scale = scale * math.sqrt(D / self.dim)
+        opts = {k_: v_ for k_, v_ in options.items() if k_ in ("impl",)}
+        out = attention(q2, k2, v2, mask, kind="softmax", scale=sas_scale, is_causal=is_causal,
+                        dropout_p=dropout_p, **opts)
+        return out.view(B, self.ratio, H, T, out.shape[-1]).mean(1)
+
+
+class QKNorm(nn.Module):
+    """LayerNorm or RMSNorm over the head dim on q and k (separate weights)."""
+
+    def __init__(self, head_dim: int, norm: str = "layernorm"):
+        super().__init__()
+        make = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}[norm]
+        self.q = make(head_dim)
+        self.k = make(head_dim)
+
+    def forward(self, q, k):
+        return self.q(q), self.k(k)
+
+
+class AttentionExtras(nn.Module):
+    """The learnable transforms of one site, and the site call that uses them."""
+
+    def __init__(self, qk_norm: QKNorm | None = None, sas: SAS | None = None):
+        super().__init__()
+        self.qk_norm = qk_norm
+        self.sas = sas
+
+    def transform(self, q, k, v, mask, *, kind, scale, is_causal, dropout_p, options):
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
+        if self.sas is not None:
+            return self.sas(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+                            options=options)
+        return attention(q, k, v, mask, kind=kind, scale=scale, is_causal=is_causal,
+                         dropout_p=dropout_p, **options)
+
+    def forward(self, *args, site: str = "attention", **kwargs):
+        fn = mha_site if site == "mha" else attention_site
+        return fn(*args, qkv_transform=self.transform, **kwargs)

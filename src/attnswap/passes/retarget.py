@@ -1,0 +1,201 @@
+"""Retargeting: turn canonical ``kind="softmax"`` sites into the requested attention.
+
+Sigmoid and ReLU only change the site call's keyword arguments. SAS and QK-norm need parameters:
+the site call becomes a call of the owner module's :class:`~attnswap.passes.extras.AttentionExtras`
+(created once per owner and reused by every later graph, so recompiles never re-initialize it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..kernels.params import encode_length
+from ..kernels.reference import ACTIVATIONS
+from .canonicalize import SiteRecord
+from .extras import SAS, AttentionExtras, QKNorm
+from .site_call import mha_site
+
+KINDS = ("softmax", "sigmoid", "relu", "sas")
+
+# Per-kind options and their defaults; anything else is an error that lists these.
+KIND_OPTIONS = {
+    "softmax": {},
+    "sigmoid": {"sigmoid_bias": None, "fast_sigmoid": False},
+    "relu": {"activation": "relu", "alpha": 1.0, "length": None},
+    "sas": {"heads_ratio": 2, "dim": None, "kernel_size": 3, "init": "identity"},
+}
+COMMON_OPTIONS = {"impl": None, "qk_norm": False}
+
+
+@dataclass(frozen=True)
+class RetargetSpec:
+    kind: str = "softmax"
+    options: dict = field(default_factory=dict)
+    include: tuple = ()
+    exclude: tuple = ()
+
+    @classmethod
+    def build(cls, kind: str, include=None, exclude=None, **options) -> "RetargetSpec":
+        if kind not in KINDS:
+            raise ValueError(f"attention={kind!r} is not supported; choose one of {KINDS}")
+        allowed = {**KIND_OPTIONS[kind], **COMMON_OPTIONS}
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for attention={kind!r}; allowed: {sorted(allowed)}"
+            )
+        opts = {**allowed, **options}
+        _validate(kind, opts)
+        inc = (include,) if isinstance(include, str) else tuple(include or ())
+        exc = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())
+        return cls(kind, opts, inc, exc)
+
+    def accept(self, rec: SiteRecord) -> str | None:
+        if self.include and not any(fnmatch.fnmatchcase(rec.owner, p) for p in self.include):
+            return f"not selected by include={list(self.include)}"
+        if any(fnmatch.fnmatchcase(rec.owner, p) for p in self.exclude):
+            return f"excluded by exclude={list(self.exclude)}"
+        return None
+
+    def op_options(self) -> dict:
+        o = self.options
+        out = {}
+        if o.get("impl") is not None:
+            out["impl"] = o["impl"]
+        if self.kind == "sigmoid":
+            out.update(sigmoid_bias=o["sigmoid_bias"], fast_sigmoid=o["fast_sigmoid"])
+        elif self.kind == "relu":
+            out.update(activation=o["activation"], alpha=float(o["alpha"]), length=o["length"])
+        return out
+
+    @property
+    def needs_parameters(self) -> bool:
+        return self.kind == "sas" or bool(self.options.get("qk_norm"))
+
+
+def _validate(kind: str, o: dict) -> None:
+    if kind == "sigmoid":
+        b = o["sigmoid_bias"]
+        if b is not None and not isinstance(b, (int, float)):
+            raise ValueError(f"sigmoid_bias={b!r} must be a float (pinned b) or None (b = -ln(Tk))")
+    if kind == "relu":
+        if o["activation"] not in ACTIVATIONS:
+            raise ValueError(f"activation={o['activation']!r} is not one of {ACTIVATIONS}")
+        if not isinstance(o["alpha"], (int, float)) or o["alpha"] < 0:
+            raise ValueError(f"alpha={o['alpha']!r} must be a non-negative number (paper: 1)")
+        encode_length(o["length"])
+    if kind == "sas":
+        r = o["heads_ratio"]
+        if not isinstance(r, int) or isinstance(r, bool) or r < 2:
+            raise ValueError(f"heads_ratio={r!r} must be an int >= 2 (SAS expands H heads to r*H)")
+        ks = o["kernel_size"]
+        if not isinstance(ks, int) or ks < 1 or ks % 2 == 0:
+            raise ValueError(f"kernel_size={ks!r} must be an odd positive int (keeps head_dim)")
+        if o["init"] not in ("identity", "random"):
+            raise ValueError(f"init={o['init']!r} must be 'identity' or 'random'")
+        d = o["dim"]
+        if d is not None and (not isinstance(d, int) or d < 1):
+            raise ValueError(f"dim={d!r} must be a positive int (the expanded head dim D') or None")
+    qn = o.get("qk_norm")
+    if qn not in (False, True, None, "layernorm", "rmsnorm"):
+        raise ValueError(f"qk_norm={qn!r} must be False, True, 'layernorm' or 'rmsnorm'")
+    impl = o.get("impl")
+    if impl not in (None, "auto", "reference", "cpu", "triton", "sdpa"):
+        raise ValueError(f"impl={impl!r} must be one of auto, reference, cpu, triton, sdpa")
+
+
+def _head_geometry(rec: SiteRecord, node: fx.Node):
+    """(H, Hkv, D, Dv) of a site, or a reason why it has no head axis."""
+    if node.target is mha_site:
+        H = node.args[4]
+        E = node.args[3]
+        return (H, H, E // H, E // H), None
+    qs, ks, vs = rec.q_shape, rec.k_shape, rec.v_shape
+    if not qs or len(qs) != 4 or not ks or len(ks) != 4:
+        return None, ("SAS/QK-norm need the site's head axis; this site computes attention on "
+                      "flattened (batch*heads) tensors")
+    if not all(isinstance(x, int) for x in (qs[1], ks[1], qs[3], vs[3])):
+        return None, "head counts are symbolic"
+    return (qs[1], ks[1], qs[3], vs[3]), None
+
+
+def extras_for(owner: torch.nn.Module, rec: SiteRecord, node: fx.Node, spec: RetargetSpec):
+    """The owner's AttentionExtras, created on first use."""
+    existing = getattr(owner, "attnswap", None)
+    if isinstance(existing, AttentionExtras):
+        return existing, None
+    geom, why = _head_geometry(rec, node)
+    if geom is None:
+        return None, why
+    H, Hkv, D, Dv = geom
+    o = spec.options
+    qk = None
+    if o.get("qk_norm"):
+        qk = QKNorm(D, "layernorm" if o["qk_norm"] is True else o["qk_norm"])
+    sas = None
+    if spec.kind == "sas":
+        sas = SAS(H, Hkv, D, ratio=o["heads_ratio"], dim=o["dim"], kernel_size=o["kernel_size"],
+                  init=o["init"])
+    ref = next((p for p in owner.parameters()), None)
+    extras = AttentionExtras(qk, sas)
+    if ref is not None:
+        extras = extras.to(device=ref.device, dtype=ref.dtype)
+    owner.add_module("attnswap", extras)
+    return extras, None
+
+
+def retarget(gm: fx.GraphModule, records: list[SiteRecord], spec: RetargetSpec,
+             root: torch.nn.Module | None):
+    """Apply ``spec`` to every canonical site of ``gm``; returns ``[(record, reason)]`` of sites
+    that had to stay softmax (a reason is always given)."""
+    left = []
+    base_kind = "softmax" if spec.kind == "sas" else spec.kind
+    for i, rec in enumerate(records):
+        node = rec.node
+        opts = spec.op_options()
+        if not spec.needs_parameters:
+            node.kwargs = {**node.kwargs, "kind": base_kind, "options": opts}
+            rec.kind, rec.options = spec.kind, opts
+            continue
+        if root is None:
+            raise ValueError(
+                f"attention={spec.kind!r}{' with qk_norm' if spec.options.get('qk_norm') else ''} "
+                "adds parameters that the optimizer must know before compiling: convert the model "
+                "first with attnswap.convert(model, attention=...), then train or compile it"
+            )
+        try:
+            owner = root.get_submodule(rec.owner) if rec.owner else root
+        except AttributeError:
+            left.append((rec, f"owner module {rec.owner!r} not found in the model"))
+            continue
+        extras, why = extras_for(owner, rec, node, spec)
+        if extras is None:
+            left.append((rec, why))
+            continue
+        name = f"attnswap_site_{i}"
+        gm.add_submodule(name, extras)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(
+                name, args=node.args,
+                kwargs={**node.kwargs, "kind": base_kind, "options": opts,
+                        "site": "mha" if node.target is mha_site else "attention"},
+            )
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        rec.node, rec.kind, rec.options = new, spec.kind, {**opts, **_sas_opts(spec)}
+    gm.recompile()
+    return left
+
+
+def _sas_opts(spec: RetargetSpec) -> dict:
+    o = spec.options
+    out = {"qk_norm": o["qk_norm"]} if o.get("qk_norm") else {}
+    if spec.kind == "sas":
+        out.update(heads_ratio=o["heads_ratio"], dim=o["dim"], kernel_size=o["kernel_size"],
+                   init=o["init"])
+    return out
