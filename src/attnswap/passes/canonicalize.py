@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .detect import Rejection, Site, find_sites
 from .normalize import shape_of, spell
-from .site_call import attention_site, mha_site
+from .site_call import attention_site, expand_to_scores, mha_site
 
 
 @dataclass
@@ -101,6 +101,16 @@ def _record(site: Site, root) -> SiteRecord:
 
 def _emit(gm: fx.GraphModule, site: Site) -> fx.Node:
     g = gm.graph
+    for u in site.shape_users:  # keep `mask.expand_as(scores)` without computing the scores
+        with g.inserting_before(u):
+            new_u = g.call_function(expand_to_scores, (u.args[0], site.q, site.k),
+                                    {"k_transposed": site.k_transposed})
+        new_u.meta.update(u.meta)
+        u.replace_all_uses_with(new_u)
+        g.erase_node(u)
+        swap = lambda x: new_u if x is u else x  # noqa: E731
+        site.bool_masks = [(swap(m), n, a) for m, n, a in site.bool_masks]
+        site.float_masks = [(swap(m), c, a) for m, c, a in site.float_masks]
     with g.inserting_before(site.output):
         if site.pattern == "nn.MultiheadAttention":
             a = site.mha_call

@@ -57,6 +57,7 @@ class Site:
     out_dtype: Any = None
     mha_call: Any = None  # for pattern "nn.MultiheadAttention": (args, kwargs)
     nodes: list = field(default_factory=list)  # nodes the site replaces (for bookkeeping)
+    shape_users: list = field(default_factory=list)  # `x.expand_as(scores)`: need only a shape
 
     @property
     def mask_kind(self) -> str:
@@ -76,6 +77,14 @@ class Rejection:
 
 class _Reject(Exception):
     pass
+
+
+def _shape_only_user(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` reads only ``node``'s shape (``mask.expand_as(scores)``, ``scores.size()``)."""
+    if user.op == "call_method" and user.target == "expand_as" and user.args[1] is node \
+            and user.args[0] is not node:
+        return True
+    return False
 
 
 def _norm_dim(d, rank):
@@ -242,8 +251,10 @@ def _match_scores(sm: fx.Node, site: Site):
             raise _Reject(f"the scores come from `{cur.target}`, not from a matmul of two "
                           "activations")
         site.nodes.append(cur)
-        if len(cur.users) != 1:
+        shape_users = [u for u in cur.users if _shape_only_user(u, cur)]
+        if len(cur.users) - len(shape_users) != 1:
             raise _Reject(f"intermediate scores `{cur.name}` have {len(cur.users)} consumers")
+        site.shape_users.extend(shape_users)
         if s.op in _PASS_THROUGH:
             cur = s.args[0]
             continue
@@ -390,6 +401,9 @@ def match_softmax(sm: fx.Node) -> Site:
         if base_k and base_v and base_k[1] == base_v[1]:
             k, v = base_k[0], base_v[0]
             site.gqa_groups = base_k[1]
+    for u in site.shape_users:
+        if shape_of(u.args[1]) != shape_of(qk_node):
+            raise _Reject("a tensor is expanded to the shape of reshaped scores")
     site.q, site.k, site.v, site.k_transposed = q, k, v, k_transposed
     site.output = pv
     site.dropout_p = dropout_p

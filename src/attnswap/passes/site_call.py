@@ -23,9 +23,27 @@ BoolMask = tuple
 
 
 def _to_scores(t: torch.Tensor, at_shape, scores_shape) -> torch.Tensor:
+    """``t`` was broadcast against the scores viewed as ``at_shape``; bring it to the scores'
+    own shape. A ``-1`` in ``at_shape`` (a view's inferred size) is resolved from the scores."""
     if at_shape is None:
         return t
-    return t.expand(*at_shape).reshape(scores_shape)
+    shape = list(at_shape)
+    if -1 in shape:
+        known = 1
+        for i, s in enumerate(shape):
+            if i != shape.index(-1):
+                known *= s
+        numel = 1
+        for s in scores_shape:
+            numel *= s
+        shape[shape.index(-1)] = numel // known
+    return t.expand(*shape).reshape(scores_shape)
+
+
+def expand_to_scores(t: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, k_transposed=False):
+    """``t.expand_as(q @ kᵀ)`` without computing the scores (GQA: q's heads)."""
+    tk = k.shape[-1] if k_transposed else k.shape[-2]
+    return t.expand(*q.shape[:-1], tk)
 
 
 def fold_masks(float_masks: Sequence[FloatMask], bool_masks: Sequence[BoolMask], scores_shape):

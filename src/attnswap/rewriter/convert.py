@@ -18,6 +18,7 @@ import functools
 import itertools
 import types
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,7 +34,17 @@ _ids = itertools.count()
 RECOMPILE_LIMIT = 32
 
 
+@dataclass(frozen=True)
+class ExampleInputs:
+    """Positional and keyword arguments together, for models that take both."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
 def _example_call(model, example_inputs):
+    if isinstance(example_inputs, ExampleInputs):
+        return tuple(example_inputs.args), dict(example_inputs.kwargs)
     if example_inputs is None:
         dummy = getattr(model, "dummy_inputs", None)
         if isinstance(dummy, dict) and dummy:
@@ -50,8 +61,8 @@ def _example_call(model, example_inputs):
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     raise ValueError(
-        f"example_inputs must be a tensor, a tuple/list of positional args or a dict of keyword "
-        f"args; got {type(example_inputs).__name__}"
+        f"example_inputs must be a tensor, a tuple/list of positional args, a dict of keyword "
+        f"args or attnswap.ExampleInputs(args, kwargs); got {type(example_inputs).__name__}"
     )
 
 
