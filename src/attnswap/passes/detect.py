@@ -80,11 +80,10 @@ class _Reject(Exception):
 
 
 def _shape_only_user(user: fx.Node, node: fx.Node) -> bool:
-    """``user`` reads only ``node``'s shape (``mask.expand_as(scores)``, ``scores.size()``)."""
-    if user.op == "call_method" and user.target == "expand_as" and user.args[1] is node \
-            and user.args[0] is not node:
-        return True
-    return False
+    """``user`` reads only ``node``'s shape or dtype (``mask.expand_as(scores)``,
+    ``probs.type_as(scores)``): it does not consume the scores' values."""
+    return (user.op == "call_method" and user.target in ("expand_as", "type_as")
+            and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node)
 
 
 def _norm_dim(d, rank):
@@ -251,10 +250,12 @@ def _match_scores(sm: fx.Node, site: Site):
             raise _Reject(f"the scores come from `{cur.target}`, not from a matmul of two "
                           "activations")
         site.nodes.append(cur)
-        shape_users = [u for u in cur.users if _shape_only_user(u, cur)]
-        if len(cur.users) - len(shape_users) != 1:
+        meta_users = [u for u in cur.users if _shape_only_user(u, cur)]
+        if len(cur.users) - len(meta_users) != 1:
             raise _Reject(f"intermediate scores `{cur.name}` have {len(cur.users)} consumers")
-        site.shape_users.extend(shape_users)
+        # expand_as must be re-sourced from q and k; a type_as is on the probability chain (then
+        # it goes with the site) or keeps the scores alive, which is still exact.
+        site.shape_users.extend(u for u in meta_users if u.target == "expand_as")
         if s.op in _PASS_THROUGH:
             cur = s.args[0]
             continue
