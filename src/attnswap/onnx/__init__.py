@@ -1,4 +1,12 @@
-"""ONNX export of models that call ``attnswap.attention``, and onnxruntime helpers.
+"""ONNX export of models with swapped attention, and onnxruntime helpers.
+
+    proto, report = attnswap.onnx.export(model, example_inputs, "model.onnx", attention="relu",
+                                         dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}})
+    attnswap.onnx.compare(model, example_inputs, attention="sigmoid")   # table vs the original
+
+``export`` also takes a model returned by ``attnswap.convert`` (exported as converted, SAS
+parameters included). Lower level: ``export_module`` for a module that calls
+``attnswap.attention`` itself.
 
 Needs the ``onnx`` extra (``pip install "attnswap[onnx]"``); importing this package does not,
 the functions raise :class:`MissingOnnxDependencyError` (an ImportError) when it is missing.
@@ -20,6 +28,7 @@ from .export import (
     save,
     translation_table,
 )
+from .model_export import compare, export, rewrite_for_export
 from .runtime import (
     Comparison,
     OutputError,
@@ -42,6 +51,9 @@ from .translation import (
 )
 
 __all__ = [
+    "compare",
+    "export",
+    "rewrite_for_export",
     "ATTENTION_OP_OPSET",
     "Comparison",
     "DEFAULT_OPSET",

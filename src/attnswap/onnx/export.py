@@ -17,7 +17,6 @@ import contextlib
 import inspect
 import os
 import re
-import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -62,11 +61,13 @@ def require(*modules: str):
 
 def translation_table(opset: int | None = None, *, attention_op: bool | None = None) -> dict:
     """``{torch.ops.attnswap.attention.default: translation}`` for ``torch.onnx.export``'s
-    ``custom_translation_table=``; use the same ``opset`` as its ``opset_version=``."""
+    ``custom_translation_table=``. Without ``opset`` the translation uses opset-18 ops only, so
+    it is valid whatever ``opset_version=`` the export uses; with ``opset``, pass the same value
+    as ``opset_version=`` (it enables ``Gelu`` from 20 and the ``Attention`` op from 23)."""
     require("onnx", "onnxscript")
     from .translation import translation_table as _table
 
-    return _table(DEFAULT_OPSET if opset is None else opset, attention_op=attention_op)
+    return _table(opset, attention_op=attention_op)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +256,9 @@ def _export_error(exc: BaseException, *, strict: bool, dynamic: bool) -> Runtime
     if dynamic:
         tries.append("fixed shapes (dynamic_shapes=None)")
     tries.append(
-        "attnswap.convert(model) first, so each attention site is one opaque attnswap::attention "
-        "node that torch.export does not trace into"
+        "if the failing code is the attention itself: replace it by one attnswap.attention call "
+        "(an opaque op that torch.export keeps as one node; attnswap.convert(model) finds and "
+        "rewrites such sites)"
     )
     msg = (
         f"torch.export ({'strict' if strict else 'non-strict'}) failed on the model "
@@ -316,6 +318,22 @@ def _check_sites(ep) -> None:
                 "dropout_p=self.p if self.training else 0.0); the exporter runs the module in "
                 "eval mode."
             )
+
+
+def _check_converted(module, ep) -> None:
+    """A model from ``attnswap.convert`` must have its sites in the exported program."""
+    report = getattr(module, "attnswap_report", None)
+    sites = getattr(report, "sites", None) or ()
+    found = len(attention_sites(ep))
+    if len(sites) > found:
+        raise RuntimeError(
+            f"{type(module).__name__} was converted by attnswap.convert ({len(sites)} attention "
+            f"site(s)), but torch.export captured {found} attnswap::attention op(s): convert() "
+            "swaps attention inside a torch.compile wrapper that torch.export does not trace, so "
+            "the ONNX file would hold the original softmax model. Export a module whose forward "
+            "calls attnswap.attention, or an ExportedProgram whose sites were rewritten to "
+            "attnswap::attention."
+        )
 
 
 def export_program(module, args=(), kwargs=None, *, dynamic_shapes=None, strict: bool = False):
@@ -381,20 +399,18 @@ def export_module(
         args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
         ep = export_program(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
         wanted = _wanted_dim_names(module, args, kwargs, dynamic_shapes)
+        _check_converted(module, ep)
     _check_sites(ep)
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=UserWarning)
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            program = torch.onnx.export(
-                ep, (), dynamo=True, custom_translation_table=table, opset_version=opset,
-                optimize=optimize, verbose=False, report=False,
-            )
+        program = torch.onnx.export(
+            ep, (), dynamo=True, custom_translation_table=table, opset_version=opset,
+            optimize=optimize, verbose=False, report=False,
+        )
     except Exception as e:
         inner = _find_translation_error(e)
         if inner is not None:
-            raise inner from e
+            raise type(inner)(str(inner)) from e
         raise RuntimeError(
             f"translating the exported program to ONNX (opset {opset}) failed: "
             f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}\n"
@@ -404,7 +420,7 @@ def export_module(
 
     model = program.model_proto
     _rename_dims(model, wanted)
-    if check:
+    if check and model.ByteSize() < 2**31:  # the in-memory checker is limited to 2 GB
         onnx.checker.check_model(model)
     if path is not None:
         save(model, path)

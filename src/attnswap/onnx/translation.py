@@ -33,7 +33,7 @@ over the query axis (we expand it). ``make_translation(attention_op=...)`` force
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -103,13 +103,14 @@ def _static_dim(value, axis: int):
     return dim if isinstance(dim, int) else None
 
 
-def _rank(value):
-    shape = getattr(value, "shape", None)
-    return None if shape is None else len(shape)
-
-
 class _Builder:
-    """Small helpers around an onnxscript opset, bound to a compute dtype."""
+    """Small helpers around an onnxscript opset, bound to a compute dtype.
+
+    Int lists for int64-only inputs (axes, shapes) are passed as Python values (the exporter's
+    tracer turns them into Constants, deduplicated across the graph); float scalars go through
+    :meth:`c`; variadic inputs (Concat, Max, Min) and Pow's exponent get explicit Constant nodes
+    (:meth:`const_node`, :meth:`ints_node`).
+    """
 
     def __init__(self, op, ct):
         from onnxscript import ir
@@ -119,10 +120,18 @@ class _Builder:
         self.ct = ct  # ir.DataType of the compute dtype
         self.np_ct = _np_dtype(ct)
 
-    def const(self, value: float):
+    def c(self, value: float):
+        """A compute-dtype scalar: a Python float in fp32 (typed FLOAT and deduplicated by the
+        tracer), a Constant node in fp64 (the tracer does not always know the dtype of the
+        values we create, and would type a bare Python float as FLOAT)."""
+        if self.ct == self.ir.DataType.FLOAT:
+            return float(value)
+        return self.const_node(value)
+
+    def const_node(self, value: float):
         return self.op.Constant(value=self.ir.tensor(np.array(value, dtype=self.np_ct)))
 
-    def ints(self, values):
+    def ints_node(self, values):
         return self.op.Constant(value=self.ir.tensor(np.array(values, dtype=np.int64)))
 
     def dim(self, x, axis: int):
@@ -130,7 +139,7 @@ class _Builder:
         return self.op.Shape(x, start=axis, end=axis + 1)
 
     def scalar_dim(self, x, axis: int):
-        return self.op.Squeeze(self.dim(x, axis), self.ints([0]))
+        return self.op.Squeeze(self.dim(x, axis), [0])
 
     def cast(self, x, to):
         if getattr(x, "dtype", None) == to:
@@ -138,31 +147,35 @@ class _Builder:
         return self.op.Cast(x, to=to)
 
 
-def _repeat_kv(b: _Builder, x, hq_dim, hkv: Any, hq: Any):
-    """``x.repeat_interleave(Hq // Hkv, dim=1)`` with the group count from runtime shapes."""
+def _repeat_kv(b: _Builder, x, q):
+    """``x.repeat_interleave(Hq // Hkv, dim=1)``: [B, Hkv, T, D] → [B, Hq, T, D].
+
+    Through [B, Hkv, 1, T, D] → expand [B, Hkv, G, T, D] → reshape, so query head h reads
+    key/value head h // G. Head counts and D are static in practice (constant shapes, 3 nodes);
+    otherwise the group count comes from runtime shapes.
+    """
     op = b.op
-    if isinstance(hq, int) and isinstance(hkv, int) and hq == hkv:
+    hq, hkv, d = _static_dim(q, 1), _static_dim(x, 1), _static_dim(x, 3)
+    if hq is not None and hkv is not None and hq == hkv:
         return x
-    # [B, Hkv, T, D] → [B, Hkv, 1, T, D] → expand [B, Hkv, G, T, D] → [B, Hq, T, D]
+    x5 = op.Unsqueeze(x, [2])
+    if hq is not None and hkv is not None and d is not None:
+        x5 = op.Expand(x5, [1, 1, hq // hkv, 1, 1])
+        return op.Reshape(x5, [0, hq, -1, d])
     shape = op.Shape(x)  # [4]
-    B = op.Slice(shape, b.ints([0]), b.ints([1]))
-    Hkv = op.Slice(shape, b.ints([1]), b.ints([2]))
-    TD = op.Slice(shape, b.ints([2]), b.ints([4]))
-    G = op.Div(hq_dim, Hkv)
-    x5 = op.Unsqueeze(x, b.ints([2]))
-    x5 = op.Expand(x5, op.Concat(B, Hkv, G, TD, axis=0))
-    return op.Reshape(x5, op.Concat(B, hq_dim, TD, axis=0))
+    B = op.Slice(shape, [0], [1])
+    Hkv = op.Slice(shape, [1], [2])
+    TD = op.Slice(shape, [2], [4])
+    Hq = b.dim(q, 1)
+    x5 = op.Expand(x5, op.Concat(B, Hkv, op.Div(Hq, Hkv), TD, axis=0))
+    return op.Reshape(x5, op.Concat(B, Hq, TD, axis=0))
 
 
 def _causal_triangle(b: _Builder, q, k):
     """Bool [Tq, Tk]: True where key j <= query i (top-left aligned), from runtime shapes."""
     op = b.op
-    tq = b.scalar_dim(q, 2)
-    tk = b.scalar_dim(k, 2)
-    zero = op.Constant(value=b.ir.tensor(np.array(0, dtype=np.int64)))
-    one = op.Constant(value=b.ir.tensor(np.array(1, dtype=np.int64)))
-    rows = op.Unsqueeze(op.Range(zero, tq, one), b.ints([1]))  # [Tq, 1]
-    cols = op.Unsqueeze(op.Range(zero, tk, one), b.ints([0]))  # [1, Tk]
+    rows = op.Unsqueeze(op.Range(0, b.scalar_dim(q, 2), 1), [1])  # [Tq, 1]
+    cols = op.Range(0, b.scalar_dim(k, 2), 1)  # [Tk]
     return op.LessOrEqual(cols, rows)
 
 
@@ -179,18 +192,16 @@ def _activation(b: _Builder, name: str, s, opset: int):
 
             return opset20.Gelu(s, approximate="none")
         # exact gelu: 0.5 · x · (1 + erf(x / √2))
-        half = b.const(0.5)
-        return op.Mul(op.Mul(half, s), op.Add(b.const(1.0), op.Erf(op.Mul(s, b.const(math.sqrt(0.5))))))
+        return op.Mul(op.Mul(s, b.c(0.5)), op.Add(op.Erf(op.Mul(s, b.c(math.sqrt(0.5)))), b.c(1.0)))
     if name == "softplus":
         # torch's softplus (beta=1, threshold=20): x above the threshold, log1p(exp(x)) below.
         # Computing log(1 + exp(min(x, 20))) keeps Exp finite in the unselected branch.
-        clipped = op.Min(s, b.const(20.0))
-        soft = op.Softplus(clipped)
-        return op.Where(op.Greater(s, b.const(20.0)), s, soft)
+        soft = op.Softplus(op.Min(s, b.const_node(20.0)))
+        return op.Where(op.Greater(s, b.c(20.0)), s, soft)
     if name == "identity":
         return s
     if name == "relu6":
-        return op.Clip(s, b.const(0.0), b.const(6.0))
+        return op.Clip(s, b.c(0.0), b.c(6.0))
     if name == "sigmoid":
         return op.Sigmoid(s)
     raise TranslationError(
@@ -210,7 +221,7 @@ def make_translation(opset: int = MIN_OPSET, *, attention_op: bool | None = None
     ``True`` → always the ``Attention`` op (``ValueError`` below opset 23); ``False`` → always the
     decomposition. Softmax sites with a float mask always use the decomposition: onnxruntime's
     ``Attention`` zeroes rows whose mask is all ``finfo.min`` where SDPA (and so the reference)
-    averages them.
+    averages them. float64 sites also stay decomposed (fp64 compute).
     """
     opset = int(opset)
     if opset < MIN_OPSET:
@@ -270,22 +281,18 @@ def _translate(q, k, v, attn_mask, *, kind, scale, is_causal, dropout_p, sigmoid
     ct = ir.DataType.DOUBLE if in_dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
     b = _Builder(op, ct)
 
-    if use_attention_op and kind == "softmax" and (
+    if use_attention_op and kind == "softmax" and ct == ir.DataType.FLOAT and (
         attn_mask is None or attn_mask.dtype == ir.DataType.BOOL
     ):
         return _softmax_attention_op(b, q, k, v, attn_mask, scale=scale, is_causal=is_causal,
                                      in_dtype=in_dtype)
 
-    qf, kf, vf = b.cast(q, ct), b.cast(k, ct), b.cast(v, ct)
-    hq = _static_dim(q, 1)
-    hkv = _static_dim(k, 1)
-    if not (isinstance(hq, int) and isinstance(hkv, int) and hq == hkv):
-        hq_dim = b.dim(q, 1)
-        kf = _repeat_kv(b, kf, hq_dim, hkv, hq)
-        vf = _repeat_kv(b, vf, hq_dim, hkv, hq)
+    qf = b.cast(q, ct)
+    kf = _repeat_kv(b, b.cast(k, ct), q)
+    vf = _repeat_kv(b, b.cast(v, ct), q)
 
     # S = scale · Q Kᵀ   [B, Hq, Tq, Tk]
-    s = op.Mul(op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 3, 2])), b.const(float(scale)))
+    s = op.Mul(op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 3, 2])), b.c(scale))
 
     tri = _causal_triangle(b, q, k) if is_causal else None
     vis = None  # bool, broadcastable to S: True where a query may attend a key
@@ -304,8 +311,8 @@ def _translate(q, k, v, attn_mask, *, kind, scale, is_causal, dropout_p, sigmoid
                     if attn_mask.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE)
                     else ir.DataType.FLOAT
                 )
-                cb = _Builder(op, cmp_dtype)
-                masked = op.LessOrEqual(b.cast(attn_mask, cmp_dtype), cb.const(threshold))
+                masked = op.LessOrEqual(b.cast(attn_mask, cmp_dtype),
+                                        _Builder(op, cmp_dtype).c(threshold))
                 vis = op.Not(masked)
     if tri is not None:
         vis = tri if vis is None else op.And(vis, tri)
@@ -314,50 +321,49 @@ def _translate(q, k, v, attn_mask, *, kind, scale, is_causal, dropout_p, sigmoid
         if float_mask is not None:
             s = op.Add(s, b.cast(float_mask, ct))
         if vis is not None:
-            s = op.Where(vis, s, b.const(float("-inf")))
+            s = op.Where(vis, s, b.c(float("-inf")))
         p = op.Softmax(s, axis=-1)
         if vis is not None or float_mask is not None:
             # a row with no visible key gives NaN from Softmax; SDPA and the reference give 0
-            p = op.Where(op.IsNaN(p), b.const(0.0), p)
+            p = op.Where(op.IsNaN(p), b.c(0.0), p)
     else:
         if float_mask is not None:
             # masked positions of a float mask must not leak into h(S) as huge numbers
-            s = op.Add(s, op.Where(masked, b.const(0.0), b.cast(float_mask, ct)))
+            s = op.Add(s, op.Where(masked, b.c(0.0), b.cast(float_mask, ct)))
         if kind == "sigmoid":
             if sigmoid_bias is None:
                 tk = op.Cast(b.dim(k, 2), to=ct)
                 bias = op.Neg(op.Log(tk))
             else:
-                bias = b.const(float(sigmoid_bias))
+                bias = b.c(sigmoid_bias)
             p = op.Sigmoid(op.Add(s, bias))
             if vis is not None:
-                p = op.Where(vis, p, b.const(0.0))
+                p = op.Where(vis, p, b.c(0.0))
         else:  # relu family
             h = _activation(b, activation, s, opset)
             if vis is not None:
-                h = op.Where(vis, h, b.const(0.0))
+                h = op.Where(vis, h, b.c(0.0))
             length = int(length)
-            if length == _LENGTH_VISIBLE:
-                if vis is None:
-                    n = op.Cast(b.dim(k, 2), to=ct)
+            alpha = float(alpha)
+            if length == _LENGTH_VISIBLE and vis is not None:
+                # per-row count of visible keys; expand the key axis first in case the mask
+                # broadcasts over keys (size 1 there)
+                vis_full = op.Expand(vis, op.Concat(b.ints_node([1]), b.dim(k, 2), axis=0))
+                n = op.ReduceSum(op.Cast(vis_full, to=ct), [-1], keepdims=1)
+                if alpha == 0.0:
+                    factor = op.Cast(op.Greater(n, b.c(0.0)), to=ct)
                 else:
-                    # per-row count of visible keys; expand the key axis first in case the
-                    # mask broadcasts over keys (size 1 there)
-                    vis_full = op.Expand(vis, op.Concat(b.ints([1]), b.dim(k, 2), axis=0))
-                    n = op.ReduceSum(op.Cast(vis_full, to=ct), b.ints([-1]), keepdims=1)
-            elif length == _LENGTH_KEYS:
-                n = op.Cast(b.dim(k, 2), to=ct)
+                    # L^-α; a row with nothing visible keeps 0 rather than 0 · inf
+                    powed = op.Pow(op.Max(n, b.const_node(1.0)), b.const_node(-alpha))
+                    factor = op.Where(op.Greater(n, b.c(0.0)), powed, b.c(0.0))
+            elif length in (_LENGTH_KEYS, _LENGTH_VISIBLE):  # L = Tk, from the runtime shape
+                factor = None if alpha == 0.0 else op.Pow(
+                    op.Cast(b.dim(k, 2), to=ct), b.const_node(-alpha))
             elif length > 0:
-                n = b.const(float(length))
+                factor = None if alpha == 0.0 else b.c(float(length) ** (-alpha))
             else:
                 raise TranslationError(f"length code {length} is invalid")
-            if float(alpha) == 0.0:
-                factor = op.Where(op.Greater(n, b.const(0.0)), b.const(1.0), b.const(0.0))
-            else:
-                # L^-α; a row with nothing visible keeps 0 rather than 0 · inf
-                powed = op.Pow(op.Max(n, b.const(1.0)), b.const(-float(alpha)))
-                factor = op.Where(op.Greater(n, b.const(0.0)), powed, b.const(0.0))
-            p = op.Mul(h, factor)
+            p = h if factor is None else op.Mul(h, factor)
 
     out = op.MatMul(p, vf)
     return b.cast(out, in_dtype)
@@ -367,9 +373,9 @@ def _softmax_attention_op(b: _Builder, q, k, v, attn_mask, *, scale, is_causal, 
     """Softmax attention as one opset-23 ``Attention`` node, fp32 inside (bool mask or none).
 
     onnxruntime's ``Attention`` takes GQA from the 4-D shapes, aligns ``is_causal`` top-left and
-    gives 0 for a fully-masked row, like SDPA. It needs the mask's query axis to be full size
-    (no broadcasting there), and the mask and ``is_causal`` are not combined: we fold the
-    triangle into the mask.
+    gives 0 for a fully-masked row, like SDPA. It needs the mask's query and key axes at full
+    size (no broadcasting there), and we fold ``is_causal`` into the mask when there is one (the
+    spec allows one or the other).
     """
     from onnxscript import opset23
 
@@ -382,8 +388,8 @@ def _softmax_attention_op(b: _Builder, q, k, v, attn_mask, *, scale, is_causal, 
             mask = op.And(mask, _causal_triangle(b, q, k))
             causal = 0
         else:
-            # broadcast the query axis: [..., 1 or Tq, Tk] → [..., Tq, Tk] (rank >= 2)
-            mask = op.Expand(mask, op.Concat(b.dim(q, 2), b.ints([1]), axis=0))
+            # onnxruntime wants the mask's last two axes full size: [..., Tq, Tk] (rank >= 2)
+            mask = op.Expand(mask, op.Concat(b.dim(q, 2), b.dim(k, 2), axis=0))
     outs = opset23.Attention(qf, kf, vf, mask, is_causal=causal, scale=float(scale))
     out = outs[0] if isinstance(outs, (tuple, list)) else outs
     return b.cast(out, in_dtype)

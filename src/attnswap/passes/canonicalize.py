@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .detect import Rejection, Site, find_sites
-from .normalize import shape_of, spell
+from .normalize import is_assertion, shape_of, spell
 from .site_call import attention_site, expand_to_scores, mha_site
 
 
@@ -153,6 +153,8 @@ def _erase_dead(gm: fx.GraphModule, site: Site) -> None:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     doomed = [n for n in set(site.nodes + [site.output, site.anchor]) if n in order]
     for n in sorted(doomed, key=order.get, reverse=True):
+        for u in [u for u in n.users if is_assertion(u)]:
+            gm.graph.erase_node(u)
         if not n.users:
             gm.graph.erase_node(n)
 

@@ -28,6 +28,7 @@ from .normalize import (
     example,
     is_learnable,
     is_parameter,
+    live_users,
     is_very_negative,
     shape_of,
     dtype_of,
@@ -135,7 +136,7 @@ def _scalar_factor(node) -> tuple[Any, float] | None:
 
 
 def _single_user(node: fx.Node, what: str):
-    users = [u for u in node.users]
+    users = live_users(node)
     if len(users) != 1:
         raise _Reject(
             f"the attention {what} have {len(users)} consumers (for example attention weights "
@@ -172,7 +173,10 @@ def _repeat_kv_base(node, rank):
         return None
     if s.op != "view":
         return None
-    e = spell(s.args[0])
+    inner = s.args[0]
+    while spell(inner) is not None and spell(inner).op == "identity":  # aten: expand → clone → view
+        inner = spell(inner).args[0]
+    e = spell(inner)
     if e is None or e.op != "expand":
         return None
     src = e.args[0]
@@ -250,9 +254,10 @@ def _match_scores(sm: fx.Node, site: Site):
             raise _Reject(f"the scores come from `{cur.target}`, not from a matmul of two "
                           "activations")
         site.nodes.append(cur)
-        meta_users = [u for u in cur.users if _shape_only_user(u, cur)]
-        if len(cur.users) - len(meta_users) != 1:
-            raise _Reject(f"intermediate scores `{cur.name}` have {len(cur.users)} consumers")
+        users = live_users(cur)
+        meta_users = [u for u in users if _shape_only_user(u, cur)]
+        if len(users) - len(meta_users) != 1:
+            raise _Reject(f"intermediate scores `{cur.name}` have {len(users)} consumers")
         # expand_as must be re-sourced from q and k; a type_as is on the probability chain (then
         # it goes with the site) or keeps the scores alive, which is still exact.
         site.shape_users.extend(u for u in meta_users if u.target == "expand_as")

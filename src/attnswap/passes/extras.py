@@ -83,6 +83,10 @@ class SAS(nn.Module):
 
     def forward(self, q, k, v, mask, *, scale, is_causal, dropout_p, options):
         B, H, T, D = q.shape
+        if k.shape[1] != self.kv_heads and k.shape[1] == H:
+            # A capture that did not fold repeat_kv hands over repeated K/V: head j*G is kv head j.
+            g = H // self.kv_heads
+            k, v = k[:, ::g], v[:, ::g]
         q2 = self.q_dim(self.q_heads(q))
         k2 = self.k_dim(self.k_heads(k))
         v2 = self.v_heads(v)

@@ -74,6 +74,20 @@ _FUSED_MHA_FNS = {torch._native_multi_head_attention, torch._transformer_encoder
 _FLASH_CPU = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+_ASSERTIONS = {getattr(aten, "_assert_tensor_metadata", None), getattr(aten, "_assert_scalar", None),
+               getattr(aten, "sym_constrain_range_for_size", None)}
+_ASSERTIONS = {getattr(op, "default", None) for op in _ASSERTIONS if op is not None}
+
+
+def is_assertion(node: fx.Node) -> bool:
+    """torch.export's metadata checks (``_assert_tensor_metadata``): they read, never consume."""
+    return node.op == "call_function" and node.target in _ASSERTIONS
+
+
+def live_users(node: fx.Node) -> list:
+    return [u for u in node.users if not is_assertion(u)]
+
+
 def example(node: Any):
     """The (fake) tensor a node produces, when the graph recorded it."""
     if not isinstance(node, fx.Node):

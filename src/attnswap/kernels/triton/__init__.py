@@ -7,7 +7,7 @@
 
 Layout: :mod:`.common` (codes, checks, masks, jit helpers: sigmoid, the ReLU family, the dropout
 hash), :mod:`.autotune` (tiles per device; one config under the interpreter), :mod:`.fwd`
-(forward and the softmax log-sum-exp pass), :mod:`.bwd` (dQ kernel, dK/dV kernel).
+(forward, and the softmax statistics pass of the backward), :mod:`.bwd` (dQ kernel, dK/dV kernel).
 
 Semantics are those of :mod:`attnswap.kernels.reference`: GQA without repeating K/V, masks read
 through their broadcast strides, top-left causal, fp32 accumulation, dropout masks bit-identical to
@@ -23,6 +23,6 @@ from __future__ import annotations
 
 from .bwd import backward
 from .common import INTERPRET, TANH_APPROX_ASM
-from .fwd import forward, softmax_lse
+from .fwd import forward, softmax_stats
 
-__all__ = ["forward", "backward", "softmax_lse", "INTERPRET", "TANH_APPROX_ASM"]
+__all__ = ["forward", "backward", "softmax_stats", "INTERPRET", "TANH_APPROX_ASM"]

@@ -123,7 +123,7 @@ prune_dq = _make_pruner(_DQ_HOPPER, _DQ_GENERIC, _smem_dq)
 prune_dkdv = _make_pruner(_DKDV_HOPPER, _DKDV_GENERIC, _smem_dkdv)
 
 AUTOTUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "KIND", "ACT", "CAUSAL",
-                "MASK_ADD", "MASK_VIS", "DROPOUT", "VISIBLE", "GROUPS"]
+                "MASK_ADD", "MASK_VIS", "DROPOUT", "VISIBLE", "GROUPS", "STATS", "DMASK"]
 
 
 def length_bucket(n: int) -> int:

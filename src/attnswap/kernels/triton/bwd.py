@@ -18,10 +18,10 @@ break autotuning (re-running a config adds into the buffer again).
 
 With ``dS = dL/dS`` (S including the additive mask), per kind:
 sigmoid ``dS = P (1 - P) dP``; ReLU ``dS = h'(S) L^-alpha dP``; softmax ``dS = P (dP - D_i)`` with
-``D_i = rowsum(dO * O)`` (computed in torch from the saved output) and
-``P = exp2((S - m_i) log2 e - log2 l_i)``, the row max and sum recomputed by a stats-only forward
-pass (the op does not keep them; they are kept apart rather than as one log-sum-exp so that rows
-whose scores all carry a huge mask such as finfo.min stay uniform, as in the reference). With dropout,
+``P = exp2((S - m_i) log2 e - log2 l_i)`` and ``D_i = rowsum(dO * O)``: the row max, row sum and D
+come from a statistics pass of the forward kernel (:func:`.fwd.softmax_stats`), since the op keeps
+neither the log-sum-exp nor an fp32 output. That pass costs one forward (S and PV); computing D
+from the saved bf16/fp16 output instead would be cheaper but off by its rounding. With dropout,
 ``dP = keep / (1 - p) * dO V^T`` and ``dV`` uses the dropped P.
 
 Float-mask gradient (``need_mask_grad``): dL/dmask = dS at unmasked positions. The dK/dV kernel
@@ -37,7 +37,6 @@ import triton.language as tl
 
 from .autotune import AUTOTUNE_KEY, dkdv_configs, dq_configs, length_bucket, prune_dkdv, prune_dq
 from .common import (
-    KIND_RELU,
     KIND_SOFTMAX,
     TANH_APPROX_ASM,
     activation,
@@ -52,9 +51,7 @@ from .common import (
     reduce_mask_grad,
     sigmoid_kind,
 )
-from .fwd import softmax_lse
-
-LOG2E = 1.4426950408889634
+from .fwd import softmax_stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +144,7 @@ def _dq_block(
 @triton.autotune(configs=dq_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_dq})
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, Mask, Lse, Delta, Linv,
+    Q, K, V, DO, DQ, Mask, Stats, Linv,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -189,9 +186,10 @@ def _attn_bwd_dq(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     if KIND == 0:
-        mrow = tl.load(Lse + 2 * (row_base + offs_m), mask=row_ok, other=0.0)
-        l2row = tl.load(Lse + 2 * (row_base + offs_m) + 1, mask=row_ok, other=float("inf"))
-        delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+        srow = Stats + 3 * (row_base + offs_m)
+        mrow = tl.load(srow, mask=row_ok, other=0.0)
+        l2row = tl.load(srow + 1, mask=row_ok, other=float("inf"))
+        delta = tl.load(srow + 2, mask=row_ok, other=0.0)
     else:
         mrow = tl.zeros([BLOCK_M], dtype=tl.float32)
         l2row = mrow
@@ -241,7 +239,7 @@ def _attn_bwd_dq(
 @triton.jit
 def _dkdv_block(
     dk, dv, k, v, offs_n, start_m,
-    Q, DO, Mask, DMask, Lse, Delta, Linv, q_base, do_base, m_base, row_base,
+    Q, DO, Mask, DMask, Stats, Linv, q_base, do_base, m_base, row_base,
     sqm, sqd, sdom, sdod, smm, smn,
     Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr, drop_scale,
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
@@ -302,14 +300,15 @@ def _dkdv_block(
         dpt = tl.where(keep, dpt * drop_scale, 0.0)
 
     if KIND == 0:
+        srow = Stats + 3 * (row_base + offs_m)
         if BOUNDARY:
-            mrow = tl.load(Lse + 2 * (row_base + offs_m), mask=offs_m < Tq, other=0.0)
-            l2row = tl.load(Lse + 2 * (row_base + offs_m) + 1, mask=offs_m < Tq, other=float("inf"))
-            delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Tq, other=0.0)
+            mrow = tl.load(srow, mask=offs_m < Tq, other=0.0)
+            l2row = tl.load(srow + 1, mask=offs_m < Tq, other=float("inf"))
+            delta = tl.load(srow + 2, mask=offs_m < Tq, other=0.0)
         else:
-            mrow = tl.load(Lse + 2 * (row_base + offs_m))
-            l2row = tl.load(Lse + 2 * (row_base + offs_m) + 1)
-            delta = tl.load(Delta + row_base + offs_m)
+            mrow = tl.load(srow)
+            l2row = tl.load(srow + 1)
+            delta = tl.load(srow + 2)
         if BOUNDARY or MASK_VIS:
             st = tl.where(vis, st, float("-inf"))
         pt = tl.exp2((st - mrow[None, :]) * 1.4426950408889634 - l2row[None, :])
@@ -351,7 +350,7 @@ def _dkdv_block(
                  prune_configs_by={"early_config_prune": prune_dkdv})
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, Mask, DMask, Lse, Delta, Linv,
+    Q, K, V, DO, DK, DV, Mask, DMask, Stats, Linv,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -398,10 +397,9 @@ def _attn_bwd_dkdv(
         lo = (start_n // BLOCK_M) * BLOCK_M
         full_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
     else:
-        lo = 0
-        full_lo = 0
-    if start_n + BLOCK_N > Tk:
-        full_lo = end
+        lo = start_n * 0
+        full_lo = start_n * 0
+    full_lo = tl.where(start_n + BLOCK_N > Tk, end, full_lo)  # a key-tail block: all masked
     full_lo = tl.minimum(full_lo, end)
     full_hi = tl.maximum((Tq // BLOCK_M) * BLOCK_M, full_lo)
 
@@ -413,7 +411,7 @@ def _attn_bwd_dkdv(
         row_base = (b64 * Hq + h64) * Tq
         for start_m in range(lo, full_lo, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Lse, Delta, Linv, q_base, do_base,
+                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, q_base, do_base,
                 m_base, row_base, sqm, sqd, sdom, sdod, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
                 seed_term, drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL,
                 VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
@@ -421,7 +419,7 @@ def _attn_bwd_dkdv(
             )
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Lse, Delta, Linv, q_base, do_base,
+                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, q_base, do_base,
                 m_base, row_base, sqm, sqd, sdom, sdod, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
                 seed_term, drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL,
                 VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
@@ -429,7 +427,7 @@ def _attn_bwd_dkdv(
             )
         for start_m in range(full_hi, end, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Lse, Delta, Linv, q_base, do_base,
+                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, q_base, do_base,
                 m_base, row_base, sqm, sqd, sdom, sdod, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
                 seed_term, drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL,
                 VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
@@ -467,10 +465,10 @@ def backward(grad_out, q, k, v, attn_mask, out, p, need_mask_grad: bool):
     mi = prepare_mask(attn_mask, p.kind, q, Tk)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     if sc.kind == KIND_SOFTMAX:
-        lse = softmax_lse(q, k, attn_mask, p)
-        delta = (grad_out.float() * out.float()).sum(-1)
+        # (out is not used: D = rowsum(dO * O) is recomputed from the fp32 O, see fwd.py)
+        stats = softmax_stats(q, k, v, attn_mask, p, grad_out)
     else:
-        lse = delta = dummy
+        stats = dummy
     linv = torch.empty((B, Hq, Tq), dtype=torch.float32, device=dev) if sc.visible else dummy
     common = dict(
         KIND=sc.kind, ACT=sc.act, CAUSAL=bool(p.is_causal),
@@ -484,14 +482,13 @@ def backward(grad_out, q, k, v, attn_mask, out, p, need_mask_grad: bool):
 
     grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), Hq, B)  # noqa: E731
     _attn_bwd_dq[grid_q](
-        q, k, v, grad_out, dq, mi.tensor, lse, delta, linv,
+        q, k, v, grad_out, dq, mi.tensor, stats, linv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mi.strides,
         *scalars, **common,
     )
     grid_k = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), Hkv, B)  # noqa: E731
     _attn_bwd_dkdv[grid_k](
-        q, k, v, grad_out, dk, dv, mi.tensor, dmask_full if need_mask_grad else dummy, lse, delta,
-        linv,
+        q, k, v, grad_out, dk, dv, mi.tensor, dmask_full if need_mask_grad else dummy, stats, linv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *mi.strides, *scalars, DMASK=need_mask_grad, **common,
     )
@@ -499,4 +496,4 @@ def backward(grad_out, q, k, v, attn_mask, out, p, need_mask_grad: bool):
     return dq, dk, dv, dmask
 
 
-__all__ = ["backward", "KIND_RELU"]
+__all__ = ["backward"]

@@ -195,11 +195,6 @@ def kernel_scalars(p: AttentionParams, Tk: int) -> KernelScalars:
 # ---------------------------------------------------------------------------------------------
 # device helpers
 
-LOG2E = 1.4426950408889634
-INV_SQRT2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-
-
 @triton.jit
 def sigmoid_accurate(x):
     """sigma(x) without overflow and with full relative accuracy for x << 0: e^-|x| never overflows,

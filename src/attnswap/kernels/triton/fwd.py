@@ -5,9 +5,11 @@
   to the accumulator at the end (for ``length="visible"`` the kernel counts the visible keys of each
   row on the fly).
 * softmax: FlashAttention-2's online softmax (running max and sum, rescaled accumulator).
-* ``STATS_ONLY`` (softmax): the same loop without V, storing each row's max and log2 row sum (the
-  log-sum-exp, split so it survives huge masks); the backward recomputes them this way because
-  the op keeps only the output.
+* ``STATS`` (softmax, for the backward): the same forward, but instead of the output it stores
+  per row the max ``m``, ``log2`` of the row sum ``l`` (the log-sum-exp, kept in two parts so it
+  survives huge masks such as finfo.min) and ``D = rowsum(dO * O)`` from the fp32 output (reading
+  ``dO`` through the ``Out`` pointer). The op keeps only the rounded output; ``D`` from a bf16/fp16
+  O is off by the output's rounding, which the tests' fp16 tolerance on the mask gradient sees.
 
 Key blocks come in two loops: interior blocks with no per-element masking at all (no key tail, not
 on the causal diagonal), then boundary blocks (the causal diagonal, the key tail) with ``tl.where``.
@@ -23,8 +25,6 @@ import triton.language as tl
 
 from .autotune import AUTOTUNE_KEY, fwd_configs, length_bucket, prune_fwd
 from .common import (
-    KIND_RELU,
-    KIND_SIGMOID,
     KIND_SOFTMAX,
     TANH_APPROX_ASM,
     activation,
@@ -48,7 +48,7 @@ def _fwd_block(
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_ADD: tl.constexpr, MASK_VIS: tl.constexpr, MASK_BOOL: tl.constexpr,
     VISIBLE: tl.constexpr, DROPOUT: tl.constexpr, FAST_SIG: tl.constexpr, USE_ASM: tl.constexpr,
-    STATS_ONLY: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    F32: tl.constexpr, DOT_PREC: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr,
 ):
@@ -97,8 +97,7 @@ def _fwd_block(
         corr = tl.exp2((m_i - m_use) * 1.4426950408889634)
         l_i = l_i * corr + tl.sum(p, 1)
         m_i = m_new
-        if not STATS_ONLY:
-            acc = acc * corr[:, None]
+        acc = acc * corr[:, None]
     else:
         if KIND == 1:
             p = sigmoid_kind(s + sig_bias, FAST_SIG, USE_ASM)
@@ -111,28 +110,27 @@ def _fwd_block(
         elif VISIBLE:
             cnt += BLOCK_N
 
-    if not STATS_ONLY:
-        if DROPOUT:
-            idx = drop_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
-            p = tl.where(dropout_keep(idx, seed_term, drop_thr), p, 0.0)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        v_ptrs = V + v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd  # [N, Dv]
-        if BOUNDARY:
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < Tk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        elif BLOCK_DV != HEAD_DIM_V:
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        if F32:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    if DROPOUT:
+        idx = drop_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
+        p = tl.where(dropout_keep(idx, seed_term, drop_thr), p, 0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    v_ptrs = V + v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd  # [N, Dv]
+    if BOUNDARY:
+        v = tl.load(v_ptrs, mask=(offs_n[:, None] < Tk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    elif BLOCK_DV != HEAD_DIM_V:
+        v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if F32:
+        v = v.to(tl.float32)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, m_i, l_i, cnt
 
 
 @triton.autotune(configs=fwd_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_fwd})
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Mask, Lse,
+    Q, K, V, Out, Mask, Stats,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -144,7 +142,7 @@ def _attn_fwd(
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_ADD: tl.constexpr, MASK_VIS: tl.constexpr, MASK_BOOL: tl.constexpr,
     VISIBLE: tl.constexpr, DROPOUT: tl.constexpr, FAST_SIG: tl.constexpr, USE_ASM: tl.constexpr,
-    STATS_ONLY: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    STATS: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -186,24 +184,32 @@ def _attn_fwd(
             acc, m_i, l_i, cnt, q, offs_m, start_n, K, V, Mask, k_base, v_base, m_base, drop_base,
             skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, mthr, seed_term, drop_thr,
             KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT, FAST_SIG, USE_ASM,
-            STATS_ONLY, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
+            F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
         )
     for start_n in range(n_full, hi, BLOCK_N):
         acc, m_i, l_i, cnt = _fwd_block(
             acc, m_i, l_i, cnt, q, offs_m, start_n, K, V, Mask, k_base, v_base, m_base, drop_base,
             skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, mthr, seed_term, drop_thr,
             KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT, FAST_SIG, USE_ASM,
-            STATS_ONLY, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
+            F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
         )
 
     row_ok = offs_m < Tq
-    if STATS_ONLY:
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptrs = Out + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    if STATS:
         # Row max and log2 of the row sum, kept apart: m + log(l) would lose log(l) entirely when
         # m is huge (a row whose scores all carry a finfo.min mask: softmax is uniform there).
         # A row that sees nothing gets (0, +inf), so exp2((s - m) log2e - log2 l) = 0.
-        tl.store(Lse + 2 * (row_base + offs_m), tl.where(l_i > 0.0, m_i, 0.0), mask=row_ok)
-        tl.store(Lse + 2 * (row_base + offs_m) + 1, tl.where(l_i > 0.0, tl.log2(l_i), float("inf")),
-                 mask=row_ok)
+        o = acc * tl.where(l_i > 0.0, 1.0 / l_i, 0.0)[:, None]
+        if DROPOUT:
+            o = o * drop_scale
+        do = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)  # Out is dO here
+        srow = Stats + 3 * (row_base + offs_m)
+        tl.store(srow, tl.where(l_i > 0.0, m_i, 0.0), mask=row_ok)
+        tl.store(srow + 1, tl.where(l_i > 0.0, tl.log2(l_i), float("inf")), mask=row_ok)
+        tl.store(srow + 2, tl.sum(o * do, 1), mask=row_ok)
     else:
         if KIND == 0:
             acc = acc * tl.where(l_i > 0.0, 1.0 / l_i, 0.0)[:, None]
@@ -216,38 +222,36 @@ def _attn_fwd(
                 acc = acc * post
         if DROPOUT:
             acc = acc * drop_scale
-        offs_dv = tl.arange(0, BLOCK_DV)
-        o_ptrs = Out + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)
 
 
-def launch_forward(q, k, v, attn_mask, p, *, out=None, lse=None) -> None:
-    """Run :func:`_attn_fwd`: writes ``out`` (``[B, Hq, Tq, Dv]``) or, when ``lse`` is given
-    (softmax only), each row's softmax statistics into ``lse`` (``[B, Hq, Tq, 2]`` fp32)."""
+def launch_forward(q, k, v, attn_mask, p, *, out=None, stats=None, grad_out=None) -> None:
+    """Run :func:`_attn_fwd`: writes ``out`` (``[B, Hq, Tq, Dv]``) or, when ``stats`` is given
+    (softmax only), the backward's row statistics into ``stats`` (``[B, Hq, Tq, 3]`` fp32: row max,
+    log2 row sum, rowsum(dO * O)), reading ``grad_out``."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
     sc = kernel_scalars(p, Tk)
     mi = prepare_mask(attn_mask, p.kind, q, Tk)
-    stats_only = lse is not None
-    if stats_only:
+    with_stats = stats is not None
+    if with_stats:
         assert sc.kind == KIND_SOFTMAX
-        o = q.new_empty(1)
-        o_strides = (0, 0, 0, 0)
+        o = grad_out
     else:
-        o, o_strides = out, out.stride()
+        o = out
+        stats = q.new_empty(1, dtype=torch.float32)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), Hq, B)  # noqa: E731
     _attn_fwd[grid](
-        q, k, v, o, mi.tensor, lse if stats_only else q.new_empty(1, dtype=torch.float32),
-        *q.stride(), *k.stride(), *v.stride(), *o_strides, *mi.strides,
+        q, k, v, o, mi.tensor, stats,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mi.strides,
         Hq, Tq, Tk, Hq // Hkv,
         float(p.scale), sc.sig_bias, sc.post, sc.alpha, mi.threshold, sc.seed_term, sc.drop_thr,
         sc.drop_scale,
         length_bucket(Tq), length_bucket(Tk),
         KIND=sc.kind, ACT=sc.act, CAUSAL=bool(p.is_causal),
         MASK_ADD=mi.add, MASK_VIS=mi.vis, MASK_BOOL=mi.is_bool,
-        VISIBLE=sc.visible, DROPOUT=sc.dropout and not stats_only, FAST_SIG=sc.fast_sigmoid,
-        USE_ASM=TANH_APPROX_ASM and q.is_cuda, STATS_ONLY=stats_only, F32=compute_in_fp32(),
+        VISIBLE=sc.visible, DROPOUT=sc.dropout, FAST_SIG=sc.fast_sigmoid,
+        USE_ASM=TANH_APPROX_ASM and q.is_cuda, STATS=with_stats, F32=compute_in_fp32(),
         DOT_PREC=dot_precision(q.dtype), HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D),
         BLOCK_DV=block_dim(Dv),
     )
@@ -267,16 +271,17 @@ def forward(q, k, v, attn_mask, p) -> torch.Tensor:
     return out
 
 
-def softmax_lse(q, k, attn_mask, p) -> torch.Tensor:
-    """Per-row softmax statistics of the (masked, scaled) scores: ``[B, Hq, Tq, 2]`` fp32 holding
-    the row max ``m`` and ``log2`` of the row sum ``l`` (so ``lse = m + ln 2 * [..., 1]``); ``(0,
-    +inf)`` for rows that see no key. Dropout does not enter it (it acts after normalizing)."""
+def softmax_stats(q, k, v, attn_mask, p, grad_out) -> torch.Tensor:
+    """The softmax backward's per-row statistics, ``[B, Hq, Tq, 3]`` fp32: the row max ``m`` and
+    ``log2`` of the row sum ``l`` of the masked, scaled scores (``lse = m + ln2 * log2 l``; ``(0,
+    +inf)`` for a row that sees no key), and ``D = rowsum(dO * O)`` with O recomputed in fp32
+    (dropout included)."""
     B, Hq, Tq, _ = q.shape
-    lse = torch.empty((B, Hq, Tq, 2), dtype=torch.float32, device=q.device)
-    if lse.numel() == 0:
-        return lse
-    launch_forward(q, k, k, attn_mask, p, lse=lse)
-    return lse
+    stats = torch.empty((B, Hq, Tq, 3), dtype=torch.float32, device=q.device)
+    if stats.numel() == 0:
+        return stats
+    launch_forward(q, k, v, attn_mask, p, stats=stats, grad_out=grad_out)
+    return stats
 
 
-__all__ = ["forward", "softmax_lse", "launch_forward", "KIND_SIGMOID", "KIND_RELU"]
+__all__ = ["forward", "softmax_stats", "launch_forward"]
