@@ -130,7 +130,7 @@ def compare(model, example_inputs=None, attention: str = "sigmoid", *, inputs=No
         rows.append({
             "model": type(model).__name__, "variant": label, "attention": kind,
             "sites": len(report.sites), "max_abs_err": cmp.max_abs, "max_rel_err": cmp.max_rel,
-            "torch_ms": t_torch.median * 1e3, "ort_ms": t_ort.median * 1e3,
+            "torch_ms": t_torch.median_ms, "ort_ms": t_ort.median_ms,
         })
     if print_table:
         _print(rows)
