@@ -20,14 +20,21 @@ How transformers 5.24 writes these attentions (read from the installed sources):
   ``enable_gqa=True`` only when the mask is None (else ``repeat_kv``); T5's position bias is
   merged into a float mask (``torch.where(bool_mask, position_bias, finfo.min)`` or
   ``position_bias + float_mask``) and ``is_causal`` is forced False.
+* Masks (from ``masking_utils``), measured on these configs: eager always gets a materialised
+  float ``(B, 1, Tq, Tk)`` mask of 0 / ``finfo.min`` (causal ones included; built in the graph as
+  ``torch.where(bool_mask, zeros, finfo.min)``); sdpa gets a bool ``(B, 1, Tq, Tk)`` mask (True =
+  attend) or None. In *eager execution* an unpadded causal LM gets ``mask=None,
+  is_causal=True`` (Llama also ``enable_gqa=True``); under dynamo and torch.export the causal mask
+  is materialised as bool (index-arithmetic ops in the graph) and SDPA sees ``is_causal=False`` and
+  ``repeat_kv``-expanded k/v. BART's decoder self-attention keeps ``mask=None, is_causal=True``
+  under dynamo but gets a bool mask under torch.export.
+* ViT passes ``attention_mask=None``. Gemma2 (5.24) has no sdpa support at all.
 
 The hand-written zoo (``handwritten.py``) keeps the older spellings (BART bmm, DistilBERT
 masked_fill, T5 ``softmax(scores.float()).type_as(scores)``, GPT-2 sliced bool buffer).
 """
 
 from __future__ import annotations
-
-import torch
 
 from .cases import ZooCase, count_modules, padded_mask, randn, seeded, token_ids
 
@@ -75,10 +82,12 @@ def _causal_inputs(default_seq: int = 8, vocab: int = VOCAB, padded: bool = Fals
     def inputs(batch: int = 2, seq: int | None = None, seed: int = 0):
         seq = seq or default_seq
         ids = token_ids(batch, seq, vocab, seed)
-        kwargs = {"input_ids": ids}
+        # use_cache=False: otherwise the output holds a DynamicCache, which torch.export cannot
+        # flatten (and which nobody compares). generate() sets its own use_cache.
+        kwargs = {"input_ids": ids, "use_cache": False}
         if padded:
             mask = padded_mask(batch, seq)
-            kwargs = {"input_ids": ids * mask, "attention_mask": mask}
+            kwargs = {"input_ids": ids * mask, "attention_mask": mask, "use_cache": False}
         return (), kwargs
 
     return inputs
@@ -93,7 +102,8 @@ def _seq2seq_inputs(default_seq: int = 8, vocab: int = VOCAB):
         ids = token_ids(batch, seq, vocab, seed)
         mask = padded_mask(batch, seq)
         dec = token_ids(batch, max(2, seq - 2), vocab, seed + 1)
-        return (), {"input_ids": ids * mask, "attention_mask": mask, "decoder_input_ids": dec}
+        return (), {"input_ids": ids * mask, "attention_mask": mask, "decoder_input_ids": dec,
+                    "use_cache": False}
 
     return inputs
 
@@ -106,117 +116,136 @@ def _image_inputs(size: int, channels: int = 3, key: str | None = "pixel_values"
     return inputs
 
 
-def _bert(impl):
-    from transformers import BertConfig, BertModel
-    from transformers.models.bert.modeling_bert import BertCrossAttention, BertSelfAttention
+M = "transformers.models."
 
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+
+def _bert(impl):
     return ZooCase(
         name=f"hf:bert-{impl}",
-        build=seeded(_from_config(BertModel, cfg, impl)),
+        build=seeded(_build("BertModel", "BertConfig", impl, vocab_size=VOCAB, hidden_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)),
         inputs=_encoder_inputs(),
-        count_attention=lambda m: count_modules(m, (BertSelfAttention, BertCrossAttention)),
+        count_attention=_counter(M + "bert.modeling_bert", "BertSelfAttention", "BertCrossAttention"),
         tags={"hf", impl, "padding", "encoder", "train_ok"},
     )
 
 
 def _distilbert(impl):
-    from transformers import DistilBertConfig, DistilBertModel
-    from transformers.models.distilbert.modeling_distilbert import DistilBertSelfAttention
-
-    cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-                           max_position_embeddings=64)
     return ZooCase(
         name=f"hf:distilbert-{impl}",
-        build=seeded(_from_config(DistilBertModel, cfg, impl)),
+        build=seeded(_build("DistilBertModel", "DistilBertConfig", impl, vocab_size=VOCAB, dim=32,
+                            n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+                            pad_token_id=0)),
         inputs=_encoder_inputs(),
-        count_attention=lambda m: count_modules(m, DistilBertSelfAttention),
+        count_attention=_counter(M + "distilbert.modeling_distilbert", "DistilBertSelfAttention"),
         tags={"hf", impl, "padding", "encoder", "train_ok"},
     )
 
 
-def _gpt2(impl):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+def _gpt2(impl, upcast=False):
+    tags = {"hf", impl, "causal", "decoder", "generate", "train_ok"}
+    if upcast:
+        tags |= {"baddbmm", "fp32_softmax"}
     return ZooCase(
-        name=f"hf:gpt2-{impl}",
-        build=seeded(_from_config(GPT2LMHeadModel, cfg, impl)),
+        name=f"hf:gpt2-{impl}" + ("-upcast" if upcast else ""),
+        build=seeded(_build("GPT2LMHeadModel", "GPT2Config", impl, vocab_size=VOCAB, n_positions=64,
+                            n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
+                            reorder_and_upcast_attn=upcast)),
         inputs=_causal_inputs(),
-        count_attention=lambda m: count_modules(m, GPT2Attention),
-        tags={"hf", impl, "causal", "decoder", "generate", "train_ok"},
+        count_attention=_counter(M + "gpt2.modeling_gpt2", "GPT2Attention"),
+        tags=tags,
+        note=("GPT2Attention._upcast_and_reordered_attn: torch.empty fp32 buffer; "
+              "baddbmm(buf, q.float(), k.float(), beta=0, alpha=scaling) under autocast off; "
+              "+ mask; softmax; .type(v.dtype); dropout module; matmul" if upcast else ""),
+    )
+
+
+def _gemma2(impl, softcap=None):
+    """Gemma2: GQA, RoPE, scale ``query_pre_attn_scalar ** -0.5``, alternating sliding-window
+    (window 4) / full causal layers. With ``attn_logit_softcapping`` set it is a negative (tanh
+    soft-capping between QKᵀ and softmax). Eager only: transformers 5.24 refuses sdpa for Gemma2."""
+    positive = softcap is None
+    tags = {"hf", impl, "causal", "decoder", "gqa", "rope", "sliding_window", "train_ok"}
+    if positive:
+        tags.add("generate")
+    else:
+        tags |= {"neg", "softcap"}
+    count = _counter(M + "gemma2.modeling_gemma2", "Gemma2Attention")
+    return ZooCase(
+        name=f"hf:gemma2-{impl}" if positive else f"neg:hf_gemma2-softcap-{impl}",
+        build=seeded(_build("Gemma2ForCausalLM", "Gemma2Config", impl, vocab_size=VOCAB,
+                            hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            query_pre_attn_scalar=8, sliding_window=4,
+                            attn_logit_softcapping=softcap, final_logit_softcapping=None,
+                            max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2)),
+        inputs=_causal_inputs(),
+        count_attention=count if positive else (lambda m: 0),
+        positive=positive,
+        skip_reason="" if positive else (
+            "Gemma2 logit soft-capping: w / softcap → tanh → * softcap between QKᵀ and softmax "
+            "is neither a scale, a bias nor a mask"),
+        tags=tags,
     )
 
 
 def _llama(impl, padded=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaAttention
-
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      max_position_embeddings=64, pad_token_id=0)
     tags = {"hf", impl, "causal", "decoder", "gqa", "rope", "generate", "train_ok"}
     if padded:
         tags.add("padding")
     return ZooCase(
         name=f"hf:llama-{impl}" + ("-padded" if padded else ""),
-        build=seeded(_from_config(LlamaForCausalLM, cfg, impl)),
+        build=seeded(_build("LlamaForCausalLM", "LlamaConfig", impl, vocab_size=VOCAB, hidden_size=64,
+                            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)),
         inputs=_causal_inputs(padded=padded),
-        count_attention=lambda m: count_modules(m, LlamaAttention),
+        count_attention=_counter(M + "llama.modeling_llama", "LlamaAttention"),
         tags=tags,
-        note=("sdpa: mask is None → enable_gqa=True; with a padding mask → repeat_kv + bool mask"
+        note=("sdpa: no mask → is_causal=True + enable_gqa=True; padding mask → bool mask + repeat_kv"
               if impl == "sdpa" else ""),
     )
 
 
 def _t5(impl):
-    from transformers import T5Config, T5Model
-    from transformers.models.t5.modeling_t5 import T5Attention
-
-    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                   num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                   relative_attention_max_distance=16, decoder_start_token_id=0, pad_token_id=0)
     return ZooCase(
         name=f"hf:t5-{impl}",
-        build=seeded(_from_config(T5Model, cfg, impl)),
+        build=seeded(_build("T5Model", "T5Config", impl, vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64,
+                            num_layers=2, num_decoder_layers=2, num_heads=4,
+                            relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
         inputs=_seq2seq_inputs(),
         # encoder self + decoder self + decoder cross
-        count_attention=lambda m: count_modules(m, T5Attention),
+        count_attention=_counter(M + "t5.modeling_t5", "T5Attention"),
         tags={"hf", impl, "padding", "causal", "cross", "rel_bias", "encoder_decoder", "train_ok"},
     )
 
 
 def _bart(impl):
-    from transformers import BartConfig, BartModel
-    from transformers.models.bart.modeling_bart import BartAttention
-
-    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
-                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                     decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
-                     bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
     return ZooCase(
         name=f"hf:bart-{impl}",
-        build=seeded(_from_config(BartModel, cfg, impl)),
+        build=seeded(_build("BartModel", "BartConfig", impl, vocab_size=VOCAB, d_model=32,
+                            encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                            max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)),
         inputs=_seq2seq_inputs(),
         # encoder self + decoder causal self + decoder cross
-        count_attention=lambda m: count_modules(m, BartAttention),
+        count_attention=_counter(M + "bart.modeling_bart", "BartAttention"),
         tags={"hf", impl, "padding", "causal", "cross", "encoder_decoder", "train_ok"},
     )
 
 
 def _vit(impl):
-    from transformers import ViTConfig, ViTModel
-    from transformers.models.vit.modeling_vit import ViTAttention
-
-    cfg = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32,
-                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     return ZooCase(
         name=f"hf:vit-{impl}",
-        build=seeded(_from_config(ViTModel, cfg, impl)),
+        build=seeded(_build("ViTModel", "ViTConfig", impl, image_size=32, patch_size=8, num_channels=3,
+                            hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64)),
         inputs=_image_inputs(32),
-        count_attention=lambda m: count_modules(m, ViTAttention),
+        count_attention=_counter(M + "vit.modeling_vit", "ViTAttention"),
         tags={"hf", impl, "vision", "train_ok"},
     )
 
@@ -226,4 +255,7 @@ def cases() -> list[ZooCase]:
     for impl in IMPLS:
         out += [_bert(impl), _distilbert(impl), _gpt2(impl), _llama(impl), _llama(impl, padded=True),
                 _t5(impl), _bart(impl), _vit(impl)]
+    # Gemma2ForCausalLM refuses attn_implementation="sdpa" in transformers 5.24 (_supports_sdpa
+    # is False): eager only.
+    out += [_gpt2("eager", upcast=True), _gemma2("eager"), _gemma2("eager", softcap=50.0)]
     return out

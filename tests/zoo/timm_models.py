@@ -52,22 +52,27 @@ def _create(name: str, fused: bool, **kwargs):
     return make
 
 
-def _vit(tag, fused):
-    from timm.layers import Attention
+def _counter(module: str, name: str):
+    def count(model) -> int:
+        import importlib
 
+        return count_modules(model, getattr(importlib.import_module(module), name))
+
+    return count
+
+
+def _vit(tag, fused):
     return ZooCase(
         name=f"timm:vit_tiny-{tag}",
         build=seeded(_create("vit_tiny_patch16_224", fused, img_size=32, patch_size=8,
                              embed_dim=32, depth=2, num_heads=2)),
         inputs=_image_inputs(32),
-        count_attention=lambda m: count_modules(m, Attention),
+        count_attention=_counter("timm.layers", "Attention"),
         tags={"timm", "vision", "sdpa" if fused else "eager", "train_ok"},
     )
 
 
 def _swin(tag, fused):
-    from timm.models.swin_transformer import WindowAttention
-
     return ZooCase(
         name=f"timm:swin_tiny-{tag}",
         # 64/4 = 16x16 tokens, window 4: stage 1 has 16 windows, stage 2 (8x8) has 4; odd blocks of
@@ -75,21 +80,19 @@ def _swin(tag, fused):
         build=seeded(_create("swin_tiny_patch4_window7_224", fused, img_size=64, window_size=4,
                              patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))),
         inputs=_image_inputs(64),
-        count_attention=lambda m: count_modules(m, WindowAttention),
+        count_attention=_counter("timm.models.swin_transformer", "WindowAttention"),
         tags={"timm", "vision", "sdpa" if fused else "eager", "rel_bias", "shifted_window",
               "nn_softmax", "train_ok"},
     )
 
 
 def _eva(tag, fused):
-    from timm.models.eva import EvaAttention
-
     return ZooCase(
         name=f"timm:eva02_tiny-{tag}",
         build=seeded(_create("eva02_tiny_patch14_224", fused, img_size=32, patch_size=8,
                              embed_dim=32, depth=2, num_heads=2, ref_feat_shape=(4, 4))),
         inputs=_image_inputs(32),
-        count_attention=lambda m: count_modules(m, EvaAttention),
+        count_attention=_counter("timm.models.eva", "EvaAttention"),
         tags={"timm", "vision", "sdpa" if fused else "eager", "rope", "train_ok"},
     )
 

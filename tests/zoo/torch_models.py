@@ -127,7 +127,12 @@ class EncoderWrap(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True)
 
     def forward(self, x, key_padding_mask=None):
-        return self.encoder(x, src_key_padding_mask=key_padding_mask)
+        out = self.encoder(x, src_key_padding_mask=key_padding_mask)
+        # The NestedTensor path returns zeros at padded positions, the other paths do not: zero
+        # them here so every path (eager fast path, dynamo, export, converted) is comparable.
+        if key_padding_mask is not None:
+            out = out.masked_fill(key_padding_mask[..., None], 0.0)
+        return out
 
 
 class DecoderLayerWrap(nn.Module):

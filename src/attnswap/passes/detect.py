@@ -321,9 +321,10 @@ def _match_scores(sm: fx.Node, site: Site):
             return cur, s, steps
         if s.op == "baddbmm":
             beta, alpha = constant_value(s.attrs["beta"]), constant_value(s.attrs["alpha"])
-            if beta != 1.0 or alpha is None:
-                raise _Reject("baddbmm with beta != 1 or a non-constant alpha")
-            steps.append(("add", cur, s.args[0]))
+            if beta not in (0.0, 1.0) or alpha is None:
+                raise _Reject("baddbmm with beta not in {0, 1} or a non-constant alpha")
+            if beta == 1.0:  # beta=0 ignores the input buffer (GPT-2's reorder_and_upcast_attn)
+                steps.append(("add", cur, s.args[0]))
             if alpha != 1.0:
                 steps.append(("scale", cur, alpha))
             return cur, s, steps

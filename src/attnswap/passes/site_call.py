@@ -108,6 +108,14 @@ def attention_site(
         v = v.to(dtype)
     scores_shape = (*q.shape[:-1], k.shape[-2])
     mask = fold_masks(float_masks, bool_masks, scores_shape)
+    if v.dim() > q.dim():
+        # Scores on flattened heads (bmm/baddbmm on [B*H, T, D]) viewed back to [B, H, T, S]
+        # before the value matmul: compute in the value matmul's layout.
+        q = q.reshape(*v.shape[:-2], q.shape[-2], q.shape[-1])
+        k = k.reshape(*v.shape[:-2], k.shape[-2], k.shape[-1])
+        if mask is not None:
+            mask = mask.expand(scores_shape).reshape(*q.shape[:-1], k.shape[-2])
+        scores_shape = (*q.shape[:-1], k.shape[-2])
     batch_shape = q.shape[:-2]
     q4, k4, v4 = _batch_to_4d(q), _batch_to_4d(k), _batch_to_4d(v)
     if mask is not None and q.dim() > 4:
