@@ -114,9 +114,10 @@ def attention_reference(
         else:
             hide = ~vis
         s = s.masked_fill(hide, float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        # SDPA (torch >= 2.5) returns 0, not NaN, for a row with no visible key.
-        p = torch.nan_to_num(p, nan=0.0)
+        # SDPA (torch >= 2.5) returns 0, not NaN, for a row with no visible key; masking before
+        # the softmax (not nan_to_num after) keeps that row's gradients finite too.
+        dead = torch.isneginf(s).all(-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     elif kind == "sigmoid":
         b = -math.log(Tk) if sigmoid_bias is None else sigmoid_bias
         p = torch.sigmoid(s + b).masked_fill(~vis, 0.0)
