@@ -123,14 +123,6 @@ def convert(
     if getattr(model, "attnswap_report", None) is not None and "forward" in model.__dict__:
         raise ValueError("this model is already converted; convert the original model instead")
     args, kwargs = _example_call(model, example_inputs)
-    try:
-        with torch.no_grad(), _no_mha_fastpath():
-            model(*args, **kwargs)
-    except Exception as e:  # the inputs, not attnswap, are at fault: say so before copying
-        raise ValueError(
-            f"example_inputs do not fit {type(model).__name__}: calling the original model with "
-            f"them raised {type(e).__name__}: {e}. Pass inputs the model accepts."
-        ) from e
 
     target = model if inplace else copy.deepcopy(model)
     report = ConversionReport(attention=attention, model=type(model).__name__)
@@ -165,10 +157,18 @@ def convert(
         was_training = target.training
         target(*args, **kwargs)  # compile now: the report and any new parameters exist on return
         target.train(was_training)
-    except Exception:
-        if inplace:
-            _restore(target, original_forward)
-        raise
+    except Exception as e:
+        _restore(target, original_forward)
+        try:  # were the inputs at fault rather than attnswap? The original model tells.
+            with torch.no_grad(), _no_mha_fastpath():
+                target(*args, **kwargs)
+        except Exception as original_error:
+            raise ValueError(
+                f"example_inputs do not fit {type(model).__name__}: calling the original model "
+                f"with them raised {type(original_error).__name__}: {original_error}. Pass "
+                "inputs the model accepts."
+            ) from original_error
+        raise e
     if not report.sites:
         _restore(target, original_forward)
         target.attnswap_report = report
