@@ -263,7 +263,9 @@ def attention_backward_op(
         dmask = dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
     else:
         dmask = q.new_empty(0)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+    # Contiguous gradients whatever the inputs' strides, as the fake implementation promises.
+    return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
+            dmask.contiguous())
 
 
 @attention_backward_op.register_fake
@@ -271,7 +273,7 @@ def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, kind, scale, is_
                              dropout_seed, sigmoid_bias, activation, alpha, length, fast_sigmoid,
                              impl, need_mask_grad):
     dmask = attn_mask.new_empty(attn_mask.shape) if need_mask_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 _NON_TENSOR = ("kind", "scale", "is_causal", "dropout_p", "dropout_seed", "sigmoid_bias",

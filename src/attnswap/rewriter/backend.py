@@ -68,7 +68,64 @@ class AttnswapCompiler:
             return gm.forward
         from torch._dynamo import lookup_backend
 
-        return lookup_backend(self.inner)(gm, example_inputs)
+        if not any(n.op == "call_module" and n.target.startswith("attnswap_site_")
+                   for n in gm.graph.nodes):
+            return lookup_backend(self.inner)(gm, example_inputs)
+        # Dynamo still reads this graph's placeholders after we return: lift on a copy.
+        g = fx.Graph()
+        g.output(g.graph_copy(gm.graph, {}))
+        gm = fx.GraphModule(gm, g)
+        params = _lift_extras(gm)
+        # Compiled on first run, outside dynamo's tracing context, whose input-source
+        # bookkeeping does not know the lifted parameters.
+        compiled = []
+
+        def run(*args):
+            if not compiled:
+                compiled.append(lookup_backend(self.inner)(gm, list(args) + params))
+            return compiled[0](*args, *params)
+
+        return run
+
+
+# AOT-based compilers (inductor, aot_eager) only accept parameters that dynamo saw as inputs.
+# The SAS / QK-norm parameters are added after dynamo, so they become extra graph inputs, and the
+# modules are called functionally on them: gradients still reach the very same Parameters.
+_EXTRAS: dict[int, torch.nn.Module] = {}
+
+
+def call_extras(key: int, names: tuple, params: list, *args, **kwargs):
+    return torch.func.functional_call(_EXTRAS[key], dict(zip(names, params)), args, kwargs)
+
+
+def _lift_extras(gm: fx.GraphModule) -> list:
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("attnswap_site_")]
+    if not nodes:
+        return []
+    anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    lifted, values = {}, []
+    for n in nodes:
+        mod = gm.get_submodule(n.target)
+        if id(mod) not in lifted:
+            names = tuple(name for name, _ in mod.named_parameters())
+            phs = []
+            for name in names:
+                with gm.graph.inserting_after(anchor):
+                    anchor = gm.graph.placeholder(f"attnswap_{n.target}_{name.replace('.', '_')}")
+                phs.append(anchor)
+                values.append(mod.get_parameter(name))
+            _EXTRAS[id(mod)] = mod
+            lifted[id(mod)] = (names, phs)
+        names, phs = lifted[id(mod)]
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(call_extras, (id(mod), names, list(phs), *n.args), dict(n.kwargs))
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+    for target in {n.target for n in nodes}:
+        gm.delete_submodule(target)
+    gm.recompile()
+    return values
 
 
 last_report: ConversionReport | None = None
