@@ -157,21 +157,10 @@ def mha_site(
     tgt, bsz, _ = query.shape
     src = key.shape[0]
     head_dim = embed_dim // num_heads
-    if use_separate_proj_weight:
-        bq = bk = bv = None
-        if in_proj_bias is not None:
-            bq, bk, bv = in_proj_bias.chunk(3)
-        q = F.linear(query, q_proj_weight, bq)
-        k = F.linear(key, k_proj_weight, bk)
-        v = F.linear(value, v_proj_weight, bv)
-    else:
-        w_q, w_k, w_v = in_proj_weight.chunk(3)
-        b_q = b_k = b_v = None
-        if in_proj_bias is not None:
-            b_q, b_k, b_v = in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q)
-        k = F.linear(key, w_k, b_k)
-        v = F.linear(value, w_v, b_v)
+    weights = ((q_proj_weight, k_proj_weight, v_proj_weight) if use_separate_proj_weight
+               else in_proj_weight.chunk(3))
+    biases = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+    q, k, v = (F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
     # [T, N, E] -> [N, H, T, hd]
     q = q.view(tgt, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
     k = k.view(src, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
