@@ -293,10 +293,12 @@ def _attention_backward(ctx, grad_out):
     q, k, v, attn_mask, out = ctx.saved_tensors
     (kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation, alpha, length,
      fast_sigmoid, impl) = ctx.options
-    p = _params(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation, alpha,
-                length, fast_sigmoid)
-    ran = resolve_impl(impl, q.device, p)
+    # Resolving the impl needs no seed: reading it (.item()) here would break AOT tracing,
+    # where the seed is a fake tensor. Only the recompute path below needs it.
+    ran = resolve_impl(impl, q.device, AttentionParams(kind, scale, is_causal, dropout_p))
     if ran in _RECOMPUTED_IMPLS:
+        p = _params(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation,
+                    alpha, length, fast_sigmoid)
         dq, dk, dv, dmask = _backward_by_recompute(
             _recompute_fn(p, ran), grad_out, q, k, v, attn_mask, ctx.need_mask_grad
         )
