@@ -26,10 +26,19 @@ Masking costs. Key tiles entirely above the causal diagonal are skipped; the cau
 applied only on tiles that cross the diagonal. Masks are applied with broadcast ``mul_``/``add_``
 of 0/1 or 0/−inf float tiles: ``masked_fill_``/``where`` are ~30x slower on CPU.
 
-``fast_sigmoid`` is ignored here: torch's ``sigmoid`` is already the accurate one and the tanh
-approximation would be slower on a CPU (``tanh`` costs ~3x ``sigmoid`` in torch).
+Sigmoid is evaluated as ``1 / (1 + 2^(−log2(e)·(S + b)))`` with ``−log2(e)`` folded into the
+pre-scaled Q: torch's ``exp2`` costs about half its ``exp``, which makes this ~10 % cheaper than
+``torch.sigmoid`` (relative error in fp32 below 3e-6 for |S| ≤ 30, against 1e-6 for
+``torch.sigmoid``; it grows with |S| through the rounding of ``log2(e)·S``). ``fast_sigmoid`` (the
+GPU kernels' tanh approximation) is ignored here: ``tanh`` costs ~3x ``sigmoid`` in torch on a
+CPU, so there is nothing faster to switch to.
 
-Tile sizes. ``BLOCK_Q`` / ``BLOCK_K`` (module-level defaults) are shrunk for large batch×heads so a
+Parallelism. Calls with at least ``PARALLEL_MIN_SCORES`` score elements are split into
+(batch, head) blocks run by a small thread pool, each worker running its ops single-threaded
+(see "tasks" below for why). ``ATTNSWAP_CPU_THREADS`` sets the number of workers (default
+``torch.get_num_threads()``; 0 or 1 disables the pool).
+
+Tile sizes. ``BLOCK_Q`` / ``BLOCK_K`` / ``BLOCK_K_CAUSAL`` (module-level defaults) are shrunk for large batch×heads so a
 tile stays under ``MAX_TILE_ELEMS`` elements. The environment variable ``ATTNSWAP_CPU_BLOCK``
 overrides both exactly: ``"64"`` (both) or ``"64,128"`` (block_q, block_k); it is read at each call,
 so tests can use tiny tiles to exercise partial and diagonal tiles.
@@ -50,6 +59,9 @@ from .reference import compute_dtype, float_mask_is_masked
 
 BLOCK_Q = 256
 BLOCK_K = 512
+# Causal: square tiles. The backward walks whole key tiles down the diagonal, so a tile crossing
+# it wastes up to block_k²/2 scores; 256x256 measured ~10 % faster than 256x512 at T = 1k–2k.
+BLOCK_K_CAUSAL = 256
 MIN_BLOCK = 32
 # One score tile (all batches and heads together) holds at most this many elements (16 MiB fp32).
 MAX_TILE_ELEMS = 1 << 22
@@ -63,7 +75,7 @@ _aten = torch.ops.aten
 _LOG2E = 1.4426950408889634  # log2(e)
 
 
-def block_sizes(rows_per_query: int) -> tuple[int, int]:
+def block_sizes(rows_per_query: int, causal: bool = False) -> tuple[int, int]:
     """(block_q, block_k) for a problem with ``rows_per_query = B·Hq`` score rows per query."""
     env = os.environ.get(ENV_BLOCK, "").strip()
     if env:
@@ -80,7 +92,7 @@ def block_sizes(rows_per_query: int) -> tuple[int, int]:
                 "(block_q,block_k)"
             ) from None
         return bq, bk
-    bq, bk = BLOCK_Q, BLOCK_K
+    bq, bk = BLOCK_Q, (BLOCK_K_CAUSAL if causal else BLOCK_K)
     while rows_per_query * bq * bk > MAX_TILE_ELEMS and max(bq, bk) > MIN_BLOCK:
         if bq >= bk and bq > MIN_BLOCK:
             bq //= 2
@@ -103,7 +115,7 @@ class _Problem:
         self.ct = compute_dtype(q.dtype)
         self.dtype = q.dtype
         self.mask = attn_mask
-        self.bq, self.bk = block_sizes(self.B * self.Hq)
+        self.bq, self.bk = block_sizes(self.B * self.Hq, p.is_causal)
         # Q pre-multiplied by the scale: S = Qs Kᵀ, and dK = dSᵀ Qs already carries the scale.
         # Sigmoid works on −log2(e)·S instead (see _pointwise_probs): then dK = −ln(2)·dSᵀ Qs.
         self.qscale = -p.scale * _LOG2E if p.kind == "sigmoid" else p.scale
@@ -314,9 +326,10 @@ def _pointwise_probs(prob: _Problem, s, i0, i1, j0, j1, keep_s: bool, pbuf):
     p = prob.p
     n = i1 - i0
     adds, muls = prob.tile_masks(i0, i1, j0, j1)
-    s5 = prob.view5(s, n)
-    for a in adds:
-        s5.add_(a, alpha=prob.score_mult)
+    if adds:
+        s5 = prob.view5(s, n)
+        for a in adds:
+            s5.add_(a, alpha=prob.score_mult)
     if p.kind == "sigmoid":
         # s holds −log2(e)·(S + mask); σ(S + b) = 1 / (1 + 2^(−log2(e)·(S + b))). exp2 is ~2x
         # cheaper than exp in torch, and this beats torch.sigmoid (exp + divide) by ~10 %.
@@ -324,9 +337,10 @@ def _pointwise_probs(prob: _Problem, s, i0, i1, j0, j1, keep_s: bool, pbuf):
         P = s.exp2_().add_(1.0).reciprocal_()
     else:
         P = _activation_inplace(p.activation, s, pbuf if keep_s else s)
-    P5 = prob.view5(P, n)
-    for mm in muls:
-        P5.mul_(mm)
+    if muls:
+        P5 = prob.view5(P, n)
+        for mm in muls:
+            P5.mul_(mm)
     return P, muls
 
 
@@ -630,6 +644,22 @@ def num_workers() -> int:
     return torch.get_num_threads()
 
 
+def _init_worker(default_threads: int) -> None:
+    """Make this worker's torch ops single-threaded, and only this worker's.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP/MKL thread count but also the
+    process-wide default that threads created later start with; left at 1, every thread the
+    user starts afterwards would silently run single-threaded. A short-lived helper thread puts
+    the default back (its own setting dies with it). torch initializes a thread's count lazily,
+    from that default, at its first parallel op: trigger that first, or it would undo the 1.
+    """
+    torch.get_num_threads()  # runs the lazy per-thread initialization now
+    torch.set_num_threads(1)
+    helper = threading.Thread(target=torch.set_num_threads, args=(default_threads,))
+    helper.start()
+    helper.join()
+
+
 def _get_pool(n: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _pool_lock:
@@ -637,7 +667,8 @@ def _get_pool(n: int) -> ThreadPoolExecutor:
             if _pool is not None:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(n, thread_name_prefix="attnswap-cpu",
-                                       initializer=torch.set_num_threads, initargs=(1,))
+                                       initializer=_init_worker,
+                                       initargs=(torch.get_num_threads(),))
             _pool_size = n
         return _pool
 
@@ -692,8 +723,25 @@ def _task_slices(task, q_shape, k_shape, mask):
 
 
 def _run(tasks, fn):
+    """Run ``fn`` on every task in the pool, under the caller's no-grad / inference mode."""
+    inference = torch.is_inference_mode_enabled()
+
+    def call(t):
+        # Grad and inference modes are thread-local: carry the caller's into the worker.
+        with torch.inference_mode() if inference else torch.no_grad():
+            return fn(t)
+
     pool = _get_pool(num_workers())
-    return list(pool.map(fn, tasks))
+    return list(pool.map(call, tasks))
+
+
+def _reset_pool_after_fork():  # a forked child has the pool object but not its threads
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
 
 
 def forward(q, k, v, attn_mask, p: AttentionParams) -> torch.Tensor:
@@ -704,16 +752,14 @@ def forward(q, k, v, attn_mask, p: AttentionParams) -> torch.Tensor:
     if tasks is None:
         with torch.no_grad():
             return _forward_task(q, k, v, attn_mask, p).to(q.dtype)
-    out = q.new_empty((*q.shape[:3], v.shape[-1]))
     B, Hq = q.shape[:2]
+    out = q.new_empty((*q.shape[:3], v.shape[-1]))
 
     def task(t):
         qsl, ksl, msl = _task_slices(t, q.shape, k.shape, attn_mask)
-        with torch.no_grad():
-            o = _forward_task(q[qsl], k[ksl], v[ksl],
-                              attn_mask[msl] if msl is not None else None, p,
-                              origin=(t[0], t[2], B, Hq))
-            out[qsl] = o  # disjoint blocks: no race
+        out[qsl] = _forward_task(q[qsl], k[ksl], v[ksl],
+                                 attn_mask[msl] if msl is not None else None, p,
+                                 origin=(t[0], t[2], B, Hq))  # disjoint blocks
 
     _run(tasks, task)
     return out
@@ -731,30 +777,38 @@ def backward(grad_out, q, k, v, attn_mask, out, p: AttentionParams, need_mask_gr
         with torch.no_grad():
             return _backward_task(grad_out, q, k, v, attn_mask, out, p, need_mask_grad)
     B, Hq = q.shape[:2]
+    G = Hq // k.shape[1]
+    # Blocks that split one group share its key/value head: their dK, dV are summed afterwards.
+    shared_kv = any(h0 % G or h1 % G for _, _, h0, h1 in tasks)
+    dq = q.new_empty(q.shape)
+    if shared_kv:  # summed in the compute dtype
+        ct = compute_dtype(q.dtype)
+        dk, dv = torch.zeros(k.shape, dtype=ct), torch.zeros(v.shape, dtype=ct)
+    else:
+        dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
 
     def task(t):
         qsl, ksl, msl = _task_slices(t, q.shape, k.shape, attn_mask)
-        with torch.no_grad():
-            return _backward_task(grad_out[qsl], q[qsl], k[ksl], v[ksl],
-                                  attn_mask[msl] if msl is not None else None,
-                                  out[qsl] if out is not None else None, p, need_mask_grad,
-                                  origin=(t[0], t[2], B, Hq))
+        dq_t, dk_t, dv_t, dm_t = _backward_task(
+            grad_out[qsl], q[qsl], k[ksl], v[ksl], attn_mask[msl] if msl is not None else None,
+            out[qsl] if out is not None else None, p, need_mask_grad, origin=(t[0], t[2], B, Hq))
+        dq[qsl] = dq_t  # disjoint blocks: written by the worker
+        if shared_kv:
+            return dk_t, dv_t, dm_t
+        dk[ksl], dv[ksl] = dk_t, dv_t
+        return None, None, dm_t
 
     results = _run(tasks, task)
-    ct = compute_dtype(q.dtype)
-    dq = torch.empty(q.shape, dtype=ct)
-    dk = torch.zeros(k.shape, dtype=ct)
-    dv = torch.zeros(v.shape, dtype=ct)
-    dmask = torch.zeros(attn_mask.shape, dtype=ct) if need_mask_grad else None
-    for t, (dq_t, dk_t, dv_t, dm_t) in zip(tasks, results):
-        qsl, ksl, msl = _task_slices(t, q.shape, k.shape, attn_mask)
-        dq[qsl] = dq_t
-        dk[ksl] += dk_t  # blocks that split one group share its key/value head
-        dv[ksl] += dv_t
+    dmask = torch.zeros(attn_mask.shape, dtype=compute_dtype(q.dtype)) if need_mask_grad else None
+    for t, (dk_t, dv_t, dm_t) in zip(tasks, results):
+        _, ksl, msl = _task_slices(t, q.shape, k.shape, attn_mask)
+        if shared_kv:
+            dk[ksl] += dk_t
+            dv[ksl] += dv_t
         if dmask is not None:
             dmask[msl] += dm_t
     return dq, dk, dv, dmask
 
 
 __all__ = ["forward", "backward", "block_sizes", "plan_tasks", "num_workers", "BLOCK_Q",
-           "BLOCK_K", "MAX_TILE_ELEMS", "ENV_BLOCK", "ENV_THREADS", "PARALLEL_MIN_SCORES"]
+           "BLOCK_K", "BLOCK_K_CAUSAL", "MAX_TILE_ELEMS", "ENV_BLOCK", "ENV_THREADS", "PARALLEL_MIN_SCORES"]

@@ -72,6 +72,9 @@ _CAST_FNS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
 _TANH_FNS = {torch.tanh, aten.tanh.default}
 _FUSED_MHA_FNS = {torch._native_multi_head_attention, torch._transformer_encoder_layer_fwd}
 _FLASH_CPU = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# dynamo records ``x.mT`` / ``x.T`` as these (packet or overload) rather than getattr.
+_MT_FNS = {aten.mT, aten.mT.default} if hasattr(aten, "mT") else set()
+_NUMPY_T_FNS = {aten.numpy_T, aten.numpy_T.default} if hasattr(aten, "numpy_T") else set()
 
 
 _ASSERTIONS = {getattr(aten, "_assert_tensor_metadata", None), getattr(aten, "_assert_scalar", None),
@@ -155,8 +158,13 @@ def spell(node: Any) -> Spelling | None:
         return Spelling("transpose", (node.args[0],), {"dims": (node.args[1], node.args[2])})
     if m == "t" or fn in (torch.t, aten.t.default):
         return Spelling("transpose", (node.args[0],), {"dims": (-2, -1)})
-    if fn is getattr and node.args[1] == "mT":
+    if (fn is getattr and node.args[1] == "mT") or fn in _MT_FNS:
         return Spelling("transpose", (node.args[0],), {"dims": (-2, -1)})
+    if (fn is getattr and node.args[1] == "T") or fn in _NUMPY_T_FNS:
+        # Tensor.T reverses every axis: a last-two swap only for matrices.
+        if len(shape_of(node.args[0]) or ()) == 2:
+            return Spelling("transpose", (node.args[0],), {"dims": (-2, -1)})
+        return None
     if fn in _PERMUTE_FNS or m == "permute":
         dims = node.args[1:] if m == "permute" else (node.args[1],)
         dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
