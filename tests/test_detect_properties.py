@@ -167,8 +167,8 @@ class Spec:
         return "matmul-softmax-matmul"
 
 
-# Spellings that fail today. The generator leaves them out; ``test_known_bugs`` runs each as a
-# They are fixed in passes/normalize.py; the reproducers in test_known_bugs stay as regressions.
+# Spellings that failed once (found by this file); fixed in passes/normalize.py. The reproducers
+# in test_known_bugs stay as regressions and the generator draws these spellings too.
 BUG_MT = (
     "k.mT is recorded by dynamo as torch.ops.aten.mT (an OpOverloadPacket) which normalize.spell "
     "does not know: K is taken as an opaque pre-transposed operand, so repeat_kv/repeat_interleave "
@@ -188,7 +188,7 @@ def known_bug(spec: "Spec") -> str | None:  # noqa: C901 - kept for the record
 
 def _formerly_known_bug(spec: "Spec") -> str | None:
     """The known bug a spec would hit, or None. (``param_scores`` variants: 0 ``W.t()``,
-    1 ``W.transpose(0, 1)``, 2 ``W.T``, 3 ``W.mT``; the generator draws 0 and 1.)"""
+    1 ``W.transpose(0, 1)``, 2 ``W.T``, 3 ``W.mT``; the generator draws all four.)"""
     if spec.flaw == "param_scores" and spec.flaw_variant >= 2:
         return BUG_NUMPY_T
     if spec.k_t == "mT" and spec.qk_op != "einsum" and spec.flaw == "none" and (
@@ -249,7 +249,7 @@ def specs(draw, flaw: str = "none", layout: str | None = None):
         dropout=draw(st.sampled_from(["none", "module", "functional"])),
         bias=draw(st.booleans()),
         flaw=flaw,
-        flaw_variant=draw(st.integers(0, 1)),
+        flaw_variant=draw(st.integers(0, 3 if flaw == "param_scores" else 1)),
     )
     if known_bug(spec):  # always None now: every spelling is generated
         spec = dataclasses.replace(spec, k_t=draw(st.sampled_from(["t-2-1", "t-pos", "swapaxes"])))
@@ -1008,10 +1008,10 @@ def test_near_miss_next_to_attention(record_property):
 # --------------------------------------------------------------------------------------------
 
 _PLAIN = Spec(layout="4d", flat_back="pre", split="transpose", qk_op="@", k_t="t-2-1", pv_op="@",
-              scale_form="mul", scale_op="mul", scale_const="float", scale_value=0.5, scale_after_mask=False,
-              pad_form="none", causal_form="none", causal_first=False, softmax="F",
-              dim_positive=False, cast="none", heads=4, head_dim=4, n_rep=1, gqa="none",
-              dropout="none", bias=False)
+              scale_form="mul", scale_op="mul", scale_const="float", scale_value=0.5,
+              scale_after_mask=False, pad_form="none", causal_form="none", causal_first=False,
+              softmax="F", dim_positive=False, cast="none", heads=4, head_dim=4, n_rep=1,
+              gqa="none", dropout="none", bias=False)
 
 KNOWN_BUGS = [
     pytest.param(check_positive, dataclasses.replace(_PLAIN, k_t="mT", gqa="repeat_kv", n_rep=2),
