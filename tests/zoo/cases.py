@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from attnswap.models import output_tensor
+
 __all__ = [
     "ZooCase", "ZOO", "positives", "negatives", "by_tag", "default_output_of",
     "count_modules", "count_sites_attr", "seeded", "padded_mask", "token_ids",
@@ -39,24 +41,9 @@ __all__ = [
 # helpers shared by the source modules
 # --------------------------------------------------------------------------------------------
 
-def default_output_of(out: Any) -> torch.Tensor:
-    """The tensor to compare: a tensor itself; a HF ModelOutput's ``logits`` or
-    ``last_hidden_state``; otherwise the first tensor of a tuple/list/dict (depth first)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for attr in ("logits", "last_hidden_state"):
-        val = getattr(out, attr, None)
-        if isinstance(val, torch.Tensor):
-            return val
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for item in out:
-            try:
-                return default_output_of(item)
-            except TypeError:
-                continue
-    raise TypeError(f"no tensor in model output of type {type(out).__name__}")
+# The tensor to compare: the package's own rule (a tensor; a HF output's ``logits`` or
+# ``last_hidden_state``; else the first tensor of a tuple/list/dict, depth first).
+default_output_of = output_tensor
 
 
 def count_modules(model: nn.Module, classes: type | tuple[type, ...]) -> int:

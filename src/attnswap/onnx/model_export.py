@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..models import output_tensor
 from ..passes.canonicalize import canonicalize
 from ..passes.retarget import RetargetSpec, retarget
 from ..rewriter.convert import ExampleInputs, _example_call, convert
@@ -124,7 +125,7 @@ def compare(model, example_inputs=None, attention: str = "sigmoid", *, inputs=No
         ort_out = runtime.run(sess, feed)
         with torch.no_grad():
             torch_out = m(*run_args, **run_kwargs)
-        cmp = runtime.compare_outputs(_first_tensor(torch_out), ort_out[:1])
+        cmp = runtime.compare_outputs(output_tensor(torch_out), ort_out[:1])
         t_torch = runtime.time_torch(m, run_args, run_kwargs, repeat=repeat)
         t_ort = runtime.time_session(sess, feed, repeat=repeat)
         rows.append({
@@ -135,15 +136,6 @@ def compare(model, example_inputs=None, attention: str = "sigmoid", *, inputs=No
     if print_table:
         _print(rows)
     return rows
-
-
-def _first_tensor(out):
-    for attr in ("logits", "last_hidden_state"):
-        if isinstance(getattr(out, attr, None), torch.Tensor):
-            return getattr(out, attr)
-    if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
-    return out
 
 
 def _print(rows):
