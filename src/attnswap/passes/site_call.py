@@ -133,7 +133,7 @@ def attention_site(
     return out
 
 
-def _mha_additive(mask, heads, dtype):
+def _mha_additive(mask, dtype):
     """nn.MultiheadAttention masks are True = *not* allowed; float masks are added."""
     if mask is None:
         return None
@@ -166,11 +166,11 @@ def mha_site(
     k = k.view(src, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
     v = v.view(src, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
     float_masks = []
-    am = _mha_additive(attn_mask, num_heads, q.dtype)
+    am = _mha_additive(attn_mask, q.dtype)
     if am is not None:
         am = am.view(bsz, num_heads, tgt, src) if am.dim() == 3 else am
         float_masks.append((am, 1.0, None))
-    kpm = _mha_additive(key_padding_mask, num_heads, q.dtype)
+    kpm = _mha_additive(key_padding_mask, q.dtype)
     if kpm is not None:
         float_masks.append((kpm.view(bsz, 1, 1, src), 1.0, None))
     out = attention_site(

@@ -158,7 +158,7 @@ def convert(
         target(*args, **kwargs)  # compile now: the report and any new parameters exist on return
         target.train(was_training)
     except Exception as e:
-        _restore(target, original_forward)
+        _restore(target)
         try:  # were the inputs at fault rather than attnswap? The original model tells.
             with torch.no_grad(), _no_mha_fastpath():
                 target(*args, **kwargs)
@@ -170,7 +170,7 @@ def convert(
             ) from original_error
         raise e
     if not report.sites:
-        _restore(target, original_forward)
+        _restore(target)
         target.attnswap_report = report
         warnings.warn(
             f"attnswap: no softmax attention found in {type(model).__name__}; the model is "
@@ -179,7 +179,7 @@ def convert(
     return target
 
 
-def _restore(model, original_forward):
+def _restore(model):
     for name in ("forward", "attnswap_spec", "_attnswap_original_forward", "attnswap_report"):
         model.__dict__.pop(name, None)
     for m in model.modules():
