@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .detect import Rejection, Site, find_sites
 from .normalize import is_assertion, shape_of, spell
-from .site_call import attention_site, expand_to_scores, mha_site
+from ..runtime.site_call import attention_site, expand_to_scores, mha_site
 
 
 @dataclass

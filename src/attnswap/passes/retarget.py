@@ -1,7 +1,7 @@
 """Retargeting: turn canonical ``kind="softmax"`` sites into the requested attention.
 
 Sigmoid and ReLU only change the site call's keyword arguments. SAS and QK-norm need parameters:
-the site call becomes a call of the owner module's :class:`~attnswap.passes.extras.AttentionExtras`
+the site call becomes a call of the owner module's :class:`~attnswap.runtime.extras.AttentionExtras`
 (created once per owner and reused by every later graph, so recompiles never re-initialize it).
 """
 
@@ -16,8 +16,8 @@ import torch.fx as fx
 from ..kernels.params import encode_length
 from ..kernels.reference import ACTIVATIONS
 from .canonicalize import SiteRecord
-from .extras import SAS, AttentionExtras, QKNorm
-from .site_call import mha_site
+from ..runtime.extras import SAS, AttentionExtras, QKNorm
+from ..runtime.site_call import mha_site
 
 KINDS = ("softmax", "sigmoid", "relu", "sas")
 

@@ -4,7 +4,7 @@
 The canonicalize pass replaces each attention site by one call to :func:`attention_site` whose
 arguments are the site's activations and whose keyword arguments are the canonical attributes
 (kind, scale, causal, dropout, options). Retargeting edits those keyword arguments; SAS and
-QK-norm wrap the same call with learnable transforms of q, k and v (see ``passes/extras.py``).
+QK-norm wrap the same call with learnable transforms of q, k and v (see ``runtime/extras.py``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Learnable pieces a retargeted site may carry: SAS expansions (DESIGN.md §3) and QK-norm.
-
-They live in an :class:`AttentionExtras` module registered on the attention module the site came
-from (``<owner>.attnswap``), so ``model.parameters()``, optimizers and ``state_dict()`` see them
-under that module's path. The rewritten graph calls that same module object.
-"""
+"""SAS, simulated attention score (arXiv 2507.07694; design §3): head and dim expansion, softmax
+over the expanded heads, and the PEAA group average back to the model's heads."""
 
 from __future__ import annotations
 
@@ -14,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.op import attention
-from .site_call import attention_site, mha_site
 
 
 class HeadExpansion(nn.Module):
@@ -98,38 +93,3 @@ class SAS(nn.Module):
         out = attention(q2, k2, v2, mask, kind="softmax", scale=sas_scale, is_causal=is_causal,
                         dropout_p=dropout_p, **opts)
         return out.view(B, self.ratio, H, T, out.shape[-1]).mean(1)
-
-
-class QKNorm(nn.Module):
-    """LayerNorm or RMSNorm over the head dim on q and k (separate weights)."""
-
-    def __init__(self, head_dim: int, norm: str = "layernorm"):
-        super().__init__()
-        make = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}[norm]
-        self.q = make(head_dim)
-        self.k = make(head_dim)
-
-    def forward(self, q, k):
-        return self.q(q), self.k(k)
-
-
-class AttentionExtras(nn.Module):
-    """The learnable transforms of one site, and the site call that uses them."""
-
-    def __init__(self, qk_norm: QKNorm | None = None, sas: SAS | None = None):
-        super().__init__()
-        self.qk_norm = qk_norm
-        self.sas = sas
-
-    def transform(self, q, k, v, mask, *, kind, scale, is_causal, dropout_p, options):
-        if self.qk_norm is not None:
-            q, k = self.qk_norm(q, k)
-        if self.sas is not None:
-            return self.sas(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                            options=options)
-        return attention(q, k, v, mask, kind=kind, scale=scale, is_causal=is_causal,
-                         dropout_p=dropout_p, **options)
-
-    def forward(self, *args, site: str = "attention", **kwargs):
-        fn = mha_site if site == "mha" else attention_site
-        return fn(*args, qkv_transform=self.transform, **kwargs)
