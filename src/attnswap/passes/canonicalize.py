@@ -37,10 +37,20 @@ class SiteRecord:
     kind: str = "softmax"
     options: dict = field(default_factory=dict)
     node: Any = None  # the call node in the rewritten graph (not serialized)
+    anchor: Any = None  # the softmax / sdpa / mha node the site was anchored on (not serialized)
+    # Identity (design §1.3): the region that holds the site and the site's ordinal in its code.
+    region: str = ""
+    ordinal: int = 0
 
     def key(self):
-        # Recompiles (new lengths, train/eval) meet the same site again: one entry per module.
-        return (self.owner, self.pattern)
+        # Recompiles (new lengths, train/eval) meet the same site again: one entry per identity.
+        return (self.region or self.owner, self.ordinal, self.pattern)
+
+    def detached(self) -> "SiteRecord":
+        """The record without its graph nodes (picklable, copyable, small)."""
+        import dataclasses
+
+        return dataclasses.replace(self, node=None, anchor=None)
 
 
 @dataclass
@@ -49,6 +59,12 @@ class SkipRecord:
     location_type: str
     op: str
     reason: str
+    node: Any = field(default=None, compare=False, repr=False)  # the softmax left alone (not serialized)
+
+    def detached(self) -> "SkipRecord":
+        import dataclasses
+
+        return dataclasses.replace(self, node=None)
 
 
 _ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\](\[\d+\])?")
@@ -95,7 +111,7 @@ def _record(site: Site, root) -> SiteRecord:
     return SiteRecord(
         owner=owner, owner_type=typ, pattern=site.pattern, q_shape=_plain(shape_of(site.q)),
         k_shape=_plain(ks), v_shape=_plain(shape_of(site.v)), scale=site.scale, mask=site.mask_kind, causal=site.is_causal,
-        gqa_groups=site.gqa_groups, dropout_p=site.dropout_p,
+        gqa_groups=site.gqa_groups, dropout_p=site.dropout_p, anchor=site.anchor,
     )
 
 
@@ -214,4 +230,4 @@ def canonicalize(
 def _skip(r: Rejection, root) -> SkipRecord:
     owner, typ = owner_of(r.node, root)
     return SkipRecord(location=owner, location_type=typ, op=str(getattr(r.node.target, "__name__", r.node.target)),
-                      reason=r.reason)
+                      reason=r.reason, node=r.node)

@@ -1,14 +1,16 @@
 """Retargeting: turn canonical ``kind="softmax"`` sites into the requested attention.
 
 Sigmoid and ReLU only change the site call's keyword arguments. SAS and QK-norm need parameters:
-the site call becomes a call of the owner module's :class:`~attnswap.runtime.extras.AttentionExtras`
-(created once per owner and reused by every later graph, so recompiles never re-initialize it).
+the site call becomes a call of that site's :class:`~attnswap.runtime.extras.AttentionExtras`,
+which ``convert()`` creates once per site identity and registers on the site's region; a later
+recompile only looks it up, never creates it.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -17,6 +19,7 @@ from ..kernels.params import encode_length
 from ..kernels.reference import ACTIVATIONS
 from .canonicalize import SiteRecord
 from ..runtime.extras import SAS, AttentionExtras, QKNorm
+from ..runtime.region import run_site_extras
 from ..runtime.site_call import mha_site
 
 KINDS = ("softmax", "sigmoid", "relu", "sas")
@@ -55,9 +58,13 @@ class RetargetSpec:
         return cls(kind, opts, inc, exc)
 
     def accept(self, rec: SiteRecord) -> str | None:
-        if self.include and not any(fnmatch.fnmatchcase(rec.owner, p) for p in self.include):
+        return self.accept_path(rec.region or rec.owner)
+
+    def accept_path(self, path: str) -> str | None:
+        """Why the sites of the region at ``path`` are not selected, or None."""
+        if self.include and not any(fnmatch.fnmatchcase(path, p) for p in self.include):
             return f"not selected by include={list(self.include)}"
-        if any(fnmatch.fnmatchcase(rec.owner, p) for p in self.exclude):
+        if any(fnmatch.fnmatchcase(path, p) for p in self.exclude):
             return f"excluded by exclude={list(self.exclude)}"
         return None
 
@@ -123,15 +130,10 @@ def _head_geometry(rec: SiteRecord, node: fx.Node):
     return (qs[1], ks[1], qs[3], vs[3]), None
 
 
-def extras_for(owner: torch.nn.Module, rec: SiteRecord, node: fx.Node, spec: RetargetSpec):
-    """The owner's AttentionExtras, created on first use."""
-    existing = getattr(owner, "attnswap", None)
-    if isinstance(existing, AttentionExtras):
-        return existing, None
-    geom, why = _head_geometry(rec, node)
-    if geom is None:
-        return None, why
-    H, Hkv, D, Dv = geom
+def make_extras(spec: RetargetSpec, geometry, like: torch.nn.Module | None = None) -> AttentionExtras:
+    """A fresh SAS / QK-norm module for one site of geometry ``(H, Hkv, D, Dv)``, on the device
+    and in the dtype of ``like``'s parameters."""
+    H, Hkv, D, Dv = geometry
     o = spec.options
     qk = None
     if o.get("qk_norm"):
@@ -140,16 +142,27 @@ def extras_for(owner: torch.nn.Module, rec: SiteRecord, node: fx.Node, spec: Ret
     if spec.kind == "sas":
         sas = SAS(H, Hkv, D, ratio=o["heads_ratio"], dim=o["dim"], kernel_size=o["kernel_size"],
                   init=o["init"])
-    ref = next((p for p in owner.parameters()), None)
     extras = AttentionExtras(qk, sas)
+    ref = next(iter(like.parameters()), None) if like is not None else None
     if ref is not None:
         extras = extras.to(device=ref.device, dtype=ref.dtype)
-    owner.add_module("attnswap", extras)
-    return extras, None
+    return extras
+
+
+def head_geometry(rec: SiteRecord, node: fx.Node):
+    """(H, Hkv, D, Dv) of a site, or a reason why it has none."""
+    return _head_geometry(rec, node)
+
+
+# ``extras_for(record, node) -> (what, reason)``: what the site's learned parameters are —
+# an ``nn.Module`` (baked into the graph, e.g. for a ``torch.export`` graph of one model), an
+# ``int`` (the site's ordinal: the graph looks the module up in the region being called, so one
+# compiled graph serves every instance of a region class), or ``None`` with the reason.
+ExtrasFor = Callable[[SiteRecord, fx.Node], tuple]
 
 
 def retarget(gm: fx.GraphModule, records: list[SiteRecord], spec: RetargetSpec,
-             root: torch.nn.Module | None):
+             extras_for: ExtrasFor | None = None):
     """Apply ``spec`` to every canonical site of ``gm``; returns ``[(record, reason)]`` of sites
     that had to stay softmax (a reason is always given)."""
     left = []
@@ -161,29 +174,26 @@ def retarget(gm: fx.GraphModule, records: list[SiteRecord], spec: RetargetSpec,
             node.kwargs = {**node.kwargs, "kind": base_kind, "options": opts}
             rec.kind, rec.options = spec.kind, opts
             continue
-        if root is None:
+        if extras_for is None:
             raise ValueError(
                 f"attention={spec.kind!r}{' with qk_norm' if spec.options.get('qk_norm') else ''} "
                 "adds parameters that the optimizer must know before compiling: convert the model "
                 "first with attnswap.convert(model, attention=...), then train or compile it"
             )
-        try:
-            owner = root.get_submodule(rec.owner) if rec.owner else root
-        except AttributeError:
-            left.append((rec, f"owner module {rec.owner!r} not found in the model"))
-            continue
-        extras, why = extras_for(owner, rec, node, spec)
-        if extras is None:
+        what, why = extras_for(rec, node)
+        if what is None:
             left.append((rec, why))
             continue
-        name = f"attnswap_site_{i}"
-        gm.add_submodule(name, extras)
+        kwargs = {**node.kwargs, "kind": base_kind, "options": opts,
+                  "site": "mha" if node.target is mha_site else "attention"}
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(
-                name, args=node.args,
-                kwargs={**node.kwargs, "kind": base_kind, "options": opts,
-                        "site": "mha" if node.target is mha_site else "attention"},
-            )
+            if isinstance(what, torch.nn.Module):
+                name = f"attnswap_site_{i}"
+                gm.add_submodule(name, what)
+                new = gm.graph.call_module(name, args=node.args, kwargs=kwargs)
+            else:
+                new = gm.graph.call_function(run_site_extras, args=(int(what), *node.args),
+                                             kwargs=kwargs)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

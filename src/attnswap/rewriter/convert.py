@@ -1,37 +1,34 @@
 """``attnswap.convert``: the same model, its attention computed by ``attnswap::attention``.
 
-The returned model is the user's model (a deep copy unless ``inplace=True``) whose ``forward`` is
-compiled by dynamo with the attnswap backend. Its class, call signature, outputs, ``generate()``,
-``parameters()`` and ``state_dict()`` are the model's own; SAS / QK-norm parameters are registered
-on the attention modules (``<path>.attnswap``) during conversion, before any optimizer is built.
+The returned model is the user's model (a deep copy unless ``inplace=True``) whose attention
+regions — the smallest modules holding a whole site, usually the attention modules — are
+compiled with the attnswap backend (``rewriter/regions.py``). Its class, call signature, root
+forward, outputs, ``generate()``, ``parameters()`` and ``state_dict()`` are the model's own; SAS /
+QK-norm parameters are registered on the regions (``<region>.attnswap.<ordinal>``) during
+conversion, before any optimizer is built. It deep-copies, pickles (``torch.save(model)``) and,
+for HuggingFace models, saves and reloads (``save_pretrained`` → ``attnswap.from_pretrained``)
+as what it is; :func:`unconvert` gives the original back.
 
-No silent fallback: every call counts the op executions against what the compiled graphs promise,
-dynamo's recompile limit raises instead of falling back to the original code, and every softmax
-that is left alone is in the report (with a warning when it looks like attention).
+No silent fallback: every region call checks that each of its sites ran as the op; a site that
+ran as the original softmax gives an ``AttentionSwapWarning`` per site and reason, or an error
+with ``strict=True``. Every softmax left alone is in the report, with its reason.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-import itertools
-import types
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.op import total_calls
 from ..passes.retarget import RetargetSpec
-from .backend import AttentionSwapWarning, AttnswapCompiler
+from ..runtime.fastpath import no_mha_fastpath
+from .backend import AttentionSwapWarning, AttnswapError, backend_report
+from .discovery import discover
+from .regions import MAX_DISCOVERY_ROUNDS, Conversion, dynamo_disabled
 from .report import ConversionReport
-
-_ids = itertools.count()
-
-# Recompiles one converted model may need (train/eval, grad modes, cache/no-cache paths, the
-# switch to dynamic shapes). Past it dynamo raises rather than silently running the original code.
-RECOMPILE_LIMIT = 32
+from .state import StateSnapshot
 
 
 @dataclass(frozen=True)
@@ -66,33 +63,14 @@ def _example_call(model, example_inputs):
     )
 
 
-def _fresh_forward(model: torch.nn.Module):
-    """``type(model).forward`` with a code object of its own.
-
-    Dynamo caches compiled code per code object, and counts recompiles per code object: every
-    conversion of the same class would share one cache and hit the recompile limit after a
-    handful of models. A private copy of the code gives each converted model its own cache.
-    """
-    fn = type(model).forward
-    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_attnswap{next(_ids)}")
-    new = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    new.__dict__.update(fn.__dict__)
-    new.__qualname__ = fn.__qualname__
-    new.__doc__ = fn.__doc__
-    return new.__get__(model)
+def conversion_of(model) -> Conversion | None:
+    conv = getattr(model, "__dict__", {}).get("_attnswap")
+    return conv if isinstance(conv, Conversion) else None
 
 
-@contextlib.contextmanager
-def _no_mha_fastpath():
-    # PyTorch's fused inference kernels for nn.MultiheadAttention / TransformerEncoderLayer hide
-    # the attention from the graph; a converted model must always take the decomposed path.
-    prev = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(prev)
+def _unwrap(model):
+    """The module a user converts when they hand us a wrapper (DDP, torch.compile)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def convert(
@@ -114,78 +92,180 @@ def convert(
     ``activation``, ``alpha``, ``length`` (None/"keys", "visible", int); sas: ``heads_ratio``,
     ``dim``, ``kernel_size``, ``init`` ("identity"/"random"); all: ``qk_norm``
     (False/True/"layernorm"/"rmsnorm"), ``impl`` (auto/reference/cpu/triton).
-    ``include``/``exclude``: glob(s) over module paths. ``strict=True`` turns "a call ran no
-    converted attention" into an error. The report is ``model.attnswap_report``.
+    ``include``/``exclude``: glob(s) over region paths (``model.layers.0.self_attn``).
+    ``strict=True`` turns "a site ran as the original softmax" into an error, at conversion and
+    on every call. The report is ``model.attnswap_report`` (or ``attnswap.report_of(model)``).
     """
     spec = RetargetSpec.build(attention, include=include, exclude=exclude, **options)
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if getattr(model, "attnswap_report", None) is not None and "forward" in model.__dict__:
-        raise ValueError("this model is already converted; convert the original model instead")
+    if conversion_of(model) is not None:
+        raise ValueError("this model is already converted; convert the original model instead "
+                         "(attnswap.unconvert(model) gives it back)")
     args, kwargs = _example_call(model, example_inputs)
-
+    snapshot = StateSnapshot(model)
     target = model if inplace else copy.deepcopy(model)
-    report = ConversionReport(attention=attention, model=type(model).__name__)
-    compiler = AttnswapCompiler(spec, root=target, report=report, inner=inner)
-    original_forward = target.forward
-    compiled = torch.compile(_fresh_forward(target), backend=compiler, dynamic=dynamic)
-    state = {"strict": strict}
-
-    @functools.wraps(original_forward)
-    def forward(*a, **k):
-        before, promised = total_calls(), compiler.expected_calls
-        with _no_mha_fastpath(), torch._dynamo.config.patch(
-            recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
-        ):
-            out = compiled(*a, **k)
-        ran, expected = total_calls() - before, compiler.expected_calls - promised
-        if len(report.sites) and (ran < expected or expected == 0):
-            msg = (f"attnswap: this call of {type(target).__name__} ran {ran} converted attention "
-                   f"op(s) where its graphs hold {expected} and the model has "
-                   f"{len(report.sites)} site(s): part of the model ran outside the rewritten "
-                   "graphs")
-            if state["strict"]:
-                raise RuntimeError(msg)
-            warnings.warn(msg, AttentionSwapWarning, stacklevel=2)
-        return out
-
-    target.forward = forward
-    target.attnswap_report = report
-    target.attnswap_spec = spec
-    target._attnswap_original_forward = original_forward
+    target_snapshot = snapshot if inplace else StateSnapshot(target)
+    conv = Conversion(target, spec, inner=inner, dynamic=dynamic, strict=strict,
+                      model_name=type(model).__name__)
     try:
-        was_training = target.training
-        target(*args, **kwargs)  # compile now: the report and any new parameters exist on return
-        target.train(was_training)
-    except Exception as e:
-        _restore(target)
-        try:  # were the inputs at fault rather than attnswap? The original model tells.
-            with torch.no_grad(), _no_mha_fastpath():
-                target(*args, **kwargs)
-        except Exception as original_error:
-            raise ValueError(
-                f"example_inputs do not fit {type(model).__name__}: calling the original model "
-                f"with them raised {type(original_error).__name__}: {original_error}. Pass "
-                "inputs the model accepts."
-            ) from original_error
-        raise e
-    if not report.sites:
-        _restore(target)
-        target.attnswap_report = report
-        warnings.warn(
-            f"attnswap: no softmax attention found in {type(model).__name__}; the model is "
-            f"returned unconverted.\n{report}", AttentionSwapWarning, stacklevel=2,
-        )
+        _build(conv, args, kwargs)
+    except BaseException as e:
+        conv.uninstall()
+        target_snapshot.restore()
+        snapshot.restore()
+        if isinstance(e, (AttnswapError, KeyboardInterrupt)):
+            raise
+        _blame_inputs(model, args, kwargs, e)
+        raise
+    finally:
+        target_snapshot.restore()
+        if not inplace:
+            snapshot.restore()
+    if not conv.report.sites:
+        conv.uninstall()
+        _nothing_converted(conv, model)
+        target.__dict__["attnswap_report"] = conv.report
+        return target
+    _attach(target, conv)
     return target
 
 
-def _restore(model):
-    for name in ("forward", "attnswap_spec", "_attnswap_original_forward", "attnswap_report"):
+def _build(conv: Conversion, args, kwargs) -> None:
+    """Discovery, then rounds of region calls until every region holds its whole site."""
+    root = conv.root
+    disc = discover(root, args, kwargs)
+    conv.discovered = [h.path for h in disc.hits]
+    candidates = disc.candidates()
+    if not candidates:
+        return
+    conv.converting = True
+    try:
+        for path in candidates:
+            conv.install(path)
+        conv.install_fastpath_hooks()
+        for _ in range(MAX_DISCOVERY_ROUNDS):
+            conv.climb.clear()
+            with no_mha_fastpath():
+                root(*args, **kwargs)
+            if not conv.climb:
+                break
+            for path in sorted(conv.climb, key=len, reverse=True):
+                if path not in conv.regions or path == "":
+                    continue
+                conv.uninstall_region(path)
+                parent = path.rsplit(".", 1)[0] if "." in path else ""
+                if any(parent == p or parent.startswith(p + ".") or p == "" for p in conv.regions):
+                    continue  # an installed region already holds the parent
+                for p in [p for p in conv.regions if p.startswith(parent + ".") or parent == ""]:
+                    conv.uninstall_region(p)
+                conv.install(parent)
+            conv.report.sites.clear()
+            conv.report.skipped.clear()
+            conv._seen.clear()
+        for path in [p for p in conv.regions if not conv.expected.get(p)]:
+            conv.uninstall_region(path)  # held no attention; its skips stay in the report
+        _apply_selection(conv)
+    finally:
+        conv.converting = False
+    if conv.strict:
+        loud = [s for s in conv.report.skipped if _is_loud(s.reason)]
+        if loud:
+            s = loud[0]
+            raise AttnswapError(f"attnswap: softmax at {s.location or '<root>'} of "
+                                f"{conv.report.model} was not converted: {s.reason} (strict=True)")
+
+
+def _is_loud(reason: str) -> bool:
+    from .backend import is_loud
+
+    return is_loud(reason)
+
+
+def _apply_selection(conv: Conversion) -> None:
+    spec = conv.spec
+    if not spec.include and not spec.exclude:
+        return
+    for path in list(conv.regions):
+        veto = spec.accept_path(path)
+        if veto is None:
+            continue
+        sites = [r for r in conv.report.sites if r.region == path]
+        conv.uninstall_region(path)
+        from ..passes.canonicalize import SkipRecord
+
+        for r in sites:
+            conv.report.add_skip(SkipRecord(path, r.owner_type, r.pattern, veto))
+
+
+def _blame_inputs(model, args, kwargs, error) -> None:
+    """Were the inputs at fault rather than attnswap? The original model tells."""
+    snapshot = StateSnapshot(model)
+    try:
+        with torch.no_grad(), no_mha_fastpath():
+            model(*args, **kwargs)
+    except Exception as original_error:
+        raise ValueError(
+            f"calling the original {type(model).__name__} with example_inputs raised "
+            f"{type(original_error).__name__}: {original_error}. Fix the model or pass inputs "
+            "it accepts; attnswap did not change the model."
+        ) from original_error
+    finally:
+        snapshot.restore()
+
+
+def _nothing_converted(conv: Conversion, model) -> None:
+    report = conv.report
+    name = type(model).__name__
+    hits = getattr(conv, "discovered", [])
+    if hits and (conv.spec.include or conv.spec.exclude) and any(
+            "include=" in s.reason or "exclude=" in s.reason for s in report.skipped):
+        why = (f"every attention site was deselected by include={list(conv.spec.include)} / "
+               f"exclude={list(conv.spec.exclude)}")
+    elif hits and dynamo_disabled():
+        why = ("dynamo is disabled (TORCHDYNAMO_DISABLE=1 or torch._dynamo.config.disable), so "
+               "attnswap cannot compile the attention")
+    elif hits:
+        why = f"{len(hits)} softmax/attention call(s) found, none of them convertible"
+    else:
+        why = "no softmax or attention call ran"
+    msg = f"attnswap: nothing converted in {name}: {why}; the model is returned unconverted.\n{report}"
+    if conv.strict:
+        raise AttnswapError(msg + " (strict=True)")
+    warnings.warn(msg, AttentionSwapWarning, stacklevel=3)
+
+
+def _attach(target, conv: Conversion) -> None:
+    target.__dict__["_attnswap"] = conv
+    target.__dict__["attnswap_report"] = conv.report
+    target.__dict__["attnswap_spec"] = conv.spec
+    cfg = getattr(target, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict") and hasattr(cfg, "architectures"):
+        cfg.attnswap = conv.describe()  # save_pretrained writes it into config.json
+
+
+def unconvert(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the original model back (in place): region forwards, SAS / QK-norm modules, hooks
+    and attributes removed. Its parameters are the ones it was trained to."""
+    conv = conversion_of(model)
+    if conv is None:
+        raise ValueError(f"{type(model).__name__} is not a model returned by attnswap.convert")
+    conv.uninstall()
+    for name in ("_attnswap", "attnswap_report", "attnswap_spec"):
         model.__dict__.pop(name, None)
-    for m in model.modules():
-        if "attnswap" in m._modules:
-            del m._modules["attnswap"]
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "attnswap"):
+        delattr(cfg, "attnswap")
+    return model
 
 
 def report_of(model) -> ConversionReport | None:
-    return getattr(model, "attnswap_report", None)
+    """The report of a converted model, or of a model compiled with ``backend="attnswap"``."""
+    conv = conversion_of(model)
+    if conv is not None:
+        return conv.report
+    inner = _unwrap(model)
+    conv = conversion_of(inner)
+    if conv is not None:
+        return conv.report
+    return backend_report(inner) or backend_report(model)

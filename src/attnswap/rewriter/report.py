@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..passes.canonicalize import SiteRecord, SkipRecord
+from .site_identity import identity
 
 
 def _fmt_shape(s):
@@ -19,19 +20,35 @@ class ConversionReport:
     sites: list[SiteRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
     graphs: int = 0  # graphs the backend rewrote (compiles and recompiles)
+    regions: list[str] = field(default_factory=list)  # module paths compiled on their own
 
     def add_graph(self, records, skipped) -> None:
         self.graphs += 1
-        seen = {r.key() for r in self.sites}
         for r in records:
-            if r.key() not in seen:
-                self.sites.append(r)
-                seen.add(r.key())
-        seen_s = {(s.location, s.reason) for s in self.skipped}
+            self.add_site(r)
         for s in skipped:
-            if (s.location, s.reason) not in seen_s:
-                self.skipped.append(s)
-                seen_s.add((s.location, s.reason))
+            self.add_skip(s)
+
+    def add_site(self, rec: SiteRecord) -> bool:
+        """Add one site (once per identity); the report keeps no graph nodes."""
+        if any(r.key() == rec.key() for r in self.sites):
+            return False
+        self.sites.append(rec.detached())
+        return True
+
+    def add_skip(self, skip: SkipRecord) -> bool:
+        if any((s.location, s.reason) == (skip.location, skip.reason) for s in self.skipped):
+            return False
+        self.skipped.append(skip.detached())
+        return True
+
+    def site(self, region: str, ordinal: int = 0) -> SiteRecord | None:
+        return next((r for r in self.sites if r.region == region and r.ordinal == ordinal), None)
+
+    @property
+    def identities(self) -> list[str]:
+        """``region[ordinal]`` of every site, in the order they were found."""
+        return [identity(r.region or r.owner, r.ordinal) for r in self.sites]
 
     @property
     def owners(self) -> list[str]:
@@ -42,7 +59,14 @@ class ConversionReport:
 
     def to_dict(self) -> dict:
         def site(r: SiteRecord):
-            d = dataclasses.asdict(dataclasses.replace(r, node=None))
+            d = dataclasses.asdict(r.detached())
+            d.pop("node")
+            d.pop("anchor")
+            d["identity"] = identity(r.region or r.owner, r.ordinal)
+            return d
+
+        def skip(s: SkipRecord):
+            d = dataclasses.asdict(s.detached())
             d.pop("node")
             return d
 
@@ -51,12 +75,12 @@ class ConversionReport:
             "model": self.model,
             "graphs": self.graphs,
             "sites": [site(r) for r in self.sites],
-            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "skipped": [skip(s) for s in self.skipped],
         }
 
     def rows(self):
         for r in self.sites:
-            yield [r.owner or "<root>", r.pattern, _fmt_shape(r.q_shape), _fmt_shape(r.k_shape),
+            yield [identity(r.region or r.owner, r.ordinal), r.pattern, _fmt_shape(r.q_shape), _fmt_shape(r.k_shape),
                    f"{r.scale:.4g}", r.mask, "yes" if r.causal else "no", str(r.gqa_groups),
                    r.kind]
 
@@ -65,7 +89,7 @@ class ConversionReport:
         from rich.table import Table
 
         t = Table(title=f"attnswap: {len(self.sites)} site(s) → {self.attention} in {self.model}")
-        for col in ("module", "pattern", "q", "k", "scale", "mask", "causal", "gqa", "kind"):
+        for col in ("site", "pattern", "q", "k", "scale", "mask", "causal", "gqa", "kind"):
             t.add_column(col)
         for row in self.rows():
             t.add_row(*row)
@@ -82,9 +106,10 @@ class ConversionReport:
         return t
 
     def __str__(self) -> str:
+        where = f", {len(self.regions)} region(s)" if self.regions else ""
         lines = [f"attnswap: {len(self.sites)} attention site(s) → {self.attention} "
-                 f"in {self.model} ({self.graphs} graph(s))"]
-        hdr = ["module", "pattern", "q", "k", "scale", "mask", "causal", "gqa", "kind"]
+                 f"in {self.model} ({self.graphs} graph(s){where})"]
+        hdr = ["site", "pattern", "q", "k", "scale", "mask", "causal", "gqa", "kind"]
         rows = [hdr] + list(self.rows())
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(hdr))]
         for r in rows:

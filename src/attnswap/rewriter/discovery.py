@@ -1,0 +1,105 @@
+"""Discovery: which modules to compile as regions.
+
+One eager call of the model, with a ``TorchFunctionMode`` that notes every softmax, SDPA and
+``F.multi_head_attention_forward`` call and the stack of modules it ran in. The innermost module
+of each call is a *candidate* region; the compile of that region then tells whether it holds the
+whole site (``Conversion`` climbs to the parent when the scores come from outside it, as with
+Swin's ``nn.Softmax`` child). The call runs the original code (``force_eager``: another
+conversion's regions, or a user's own ``torch.compile``, do not hide a softmax), with PyTorch's
+fused MHA fast path off, and the model's state is restored by the caller.
+
+This costs one eager forward, independent of how many layers share a class — unlike capturing the
+whole model, whose dynamo trace grows with depth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..runtime.fastpath import no_mha_fastpath
+from ..runtime.region import RegionForward, probing
+
+_WATCHED = {
+    F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
+    torch.special.softmax: "softmax", torch._softmax: "softmax",
+    F.scaled_dot_product_attention: "sdpa",
+    F.multi_head_attention_forward: "mha",
+    torch._native_multi_head_attention: "fused_mha",
+}
+
+
+@dataclass
+class Hit:
+    op: str
+    path: str  # innermost module of the root's tree the call ran in ("" = the root's own code)
+    inside_region: bool  # ran inside a region another conversion owns
+
+
+@dataclass
+class Discovery:
+    hits: list[Hit] = field(default_factory=list)
+
+    def candidates(self) -> list[str]:
+        """Innermost module paths, outermost-wins when one candidate holds another."""
+        paths = []
+        for h in self.hits:
+            if not h.inside_region and h.path not in paths:
+                paths.append(h.path)
+        return [p for p in paths if not any(_is_ancestor(o, p) for o in paths if o != p)]
+
+
+def _is_ancestor(a: str, b: str) -> bool:
+    return a == "" and b != "" or b.startswith(a + ".")
+
+
+class _Watch(TorchFunctionMode):
+    def __init__(self, disc: Discovery, stack: list, paths: dict):
+        super().__init__()
+        self.disc, self.stack, self.paths = disc, stack, paths
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        op = _WATCHED.get(func)
+        if op is not None:
+            path, inside = "", False
+            for m in reversed(self.stack):
+                if isinstance(m.__dict__.get("forward"), RegionForward):
+                    inside = True
+                if id(m) in self.paths:
+                    path = self.paths[id(m)]
+                    break
+            self.disc.hits.append(Hit(op, path, inside))
+        return func(*args, **(kwargs or {}))
+
+
+def discover(model: torch.nn.Module, args: tuple, kwargs: dict) -> Discovery:
+    disc = Discovery()
+    stack: list = []
+    paths = {id(m): name for name, m in model.named_modules()}
+
+    def push(module, _args):
+        stack.append(module)
+
+    def pop(module, _args, _out):
+        if stack and stack[-1] is module:
+            stack.pop()
+
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    pre = register_module_forward_pre_hook(push)
+    post = register_module_forward_hook(pop, always_call=True)
+    try:
+        with contextlib.ExitStack() as es:
+            es.enter_context(probing())
+            es.enter_context(no_mha_fastpath())
+            es.enter_context(torch.compiler.set_stance("force_eager"))
+            es.enter_context(_Watch(disc, stack, paths))
+            model(*args, **kwargs)
+    finally:
+        pre.remove()
+        post.remove()
+    return disc
