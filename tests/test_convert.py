@@ -95,7 +95,7 @@ def test_sas_identity_init_is_exact(init):
     with torch.no_grad():
         torch.testing.assert_close(converted(input_ids=ids(2, 13, 3)).logits,
                                    model(input_ids=ids(2, 13, 3)).logits, **TOL)
-    names = [n for n, _ in converted.named_parameters() if ".attnswap.sas." in n]
+    names = [n for n, _ in converted.named_parameters() if ".attnswap.0.sas." in n]
     assert names and all(n.startswith("model.layers.") for n in names)
 
 
@@ -111,7 +111,7 @@ def test_sas_random_init_changes_outputs_and_has_new_parameters():
 
 def test_qk_norm_adds_owned_parameters():
     converted = attnswap.convert(tiny_gpt2(), "sigmoid", {"input_ids": ids()}, qk_norm="rmsnorm")
-    names = [n for n, _ in converted.named_parameters() if "attnswap.qk_norm" in n]
+    names = [n for n, _ in converted.named_parameters() if ".attnswap.0.qk_norm." in n]
     assert len(names) == 2 * 2  # q and k norms, two layers
 
 
@@ -164,14 +164,16 @@ def test_twenty_models_of_one_class_all_run_converted_attention():
 
 def test_ten_lengths_few_recompiles_every_call_converted():
     c = attnswap.convert(tiny_gpt2(), "relu", {"input_ids": ids(seq=4)})
+    after_convert = c.attnswap_report.graphs
     for n in range(5, 15):
         attnswap.reset_call_counts()
         with warnings.catch_warnings():
             warnings.simplefilter("error", attnswap.AttentionSwapWarning)
             c(input_ids=ids(seq=n))
         assert attnswap.total_calls("relu") == 2
-    # one graph for the example length, one dynamic graph for every other length
-    assert c.attnswap_report.graphs <= 3, c.attnswap_report.graphs
+    # one dynamic graph per region for every other length (the KV cache indexes its layers by
+    # the region's layer_idx, so each layer specializes once)
+    assert c.attnswap_report.graphs - after_convert <= 2, c.attnswap_report.graphs
 
 
 def test_strict_mode_raises_when_a_call_runs_no_converted_attention():
@@ -293,5 +295,5 @@ def test_aot_inner_compilers_keep_sas_parameters_trainable(inner):
     out = c(input_ids=ids()).logits
     torch.testing.assert_close(out, model(input_ids=ids()).logits, **TOL)
     out.square().mean().backward()
-    sas = [(n, p) for n, p in c.named_parameters() if ".attnswap.sas." in n]
+    sas = [(n, p) for n, p in c.named_parameters() if ".attnswap.0.sas." in n]
     assert sas and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in sas)

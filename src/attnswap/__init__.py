@@ -6,14 +6,15 @@
 
 from .kernels.op import attention, call_counts, reset_call_counts, total_calls
 from .passes.retarget import RetargetSpec as AttentionSpec
-from .rewriter.backend import AttentionSwapWarning, attnswap_backend
-from .rewriter.convert import ExampleInputs, convert, report_of
+from .rewriter.backend import AttentionSwapWarning, AttnswapError, attnswap_backend
+from .rewriter.convert import ExampleInputs, convert, report_of, unconvert
+from .rewriter.persistence import from_pretrained
 from .rewriter.report import ConversionReport
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "report_of", "ExampleInputs", "ConversionReport", "AttentionSpec", "AttentionSwapWarning",
-    "attention", "attnswap_backend", "call_counts", "reset_call_counts", "total_calls",
-    "__version__",
+    "convert", "unconvert", "from_pretrained", "report_of", "ExampleInputs", "ConversionReport",
+    "AttentionSpec", "AttentionSwapWarning", "AttnswapError", "attention", "attnswap_backend",
+    "call_counts", "reset_call_counts", "total_calls", "__version__",
 ]

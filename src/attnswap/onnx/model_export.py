@@ -15,22 +15,30 @@ from typing import Any
 import torch
 
 from ..models import output_tensor
-from ..passes.canonicalize import canonicalize
-from ..passes.retarget import RetargetSpec, retarget
-from ..rewriter.convert import ExampleInputs, _example_call, convert
+from ..passes.pipeline import run_pipeline
+from ..passes.retarget import RetargetSpec
+from ..rewriter.convert import ExampleInputs, _example_call, conversion_of, convert
+from ..rewriter.site_identity import code_key, key_matches_suffix
 from ..rewriter.report import ConversionReport
 from .export import _export_error, _strings_to_dims, export_module, export_program
 
 
 @contextlib.contextmanager
-def _original_code(model):
-    """Run a converted model's own forward (not the compiled wrapper) for the duration."""
-    fwd = model.__dict__.pop("forward", None)
+def original_code(model):
+    """Run a converted model's original code (no region's compiled forward) for the duration."""
+    conv = conversion_of(model)
+    saved = []
+    if conv is not None:
+        for rf in conv.regions.values():
+            saved.append((rf.module, rf.module.__dict__.pop("forward", None)))
+            if rf.previous is not None:
+                rf.module.forward = rf.previous
     try:
         yield
     finally:
-        if fwd is not None:
-            model.forward = fwd
+        for m, fwd in saved:
+            if fwd is not None:
+                m.__dict__["forward"] = fwd
 
 
 def _complete_shapes(dynamic_shapes, kwargs):
@@ -63,14 +71,41 @@ def rewrite_for_export(model, example_inputs=None, attention: str | None = None,
     elif attention is not None and attention != spec.kind:
         raise ValueError(f"the model was converted to {spec.kind!r}; cannot export it as "
                          f"{attention!r}. Export the original model instead.")
-    with _original_code(model):
+    with original_code(model):
         ep = export_program(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     gm = ep.module()
     report = ConversionReport(attention=spec.kind, model=type(model).__name__)
-    records, skipped = canonicalize(gm, model, accept=spec.accept)
-    retarget(gm, records, spec, model)
-    report.add_graph(records, skipped)
+    result = run_pipeline(gm, spec, root=model, accept=spec.accept,
+                          extras_for=_converted_extras(model) if spec.needs_parameters else None)
+    report.add_graph(result.sites, result.skipped)
     return gm, report, args, kwargs, model, dynamic_shapes
+
+
+def _converted_extras(model):
+    """SAS / QK-norm modules for the sites of a whole-model export graph: the converted model's
+    own, found by the site's owner module and its code key (the region's keys are the tail of the
+    export graph's frames)."""
+    conv = conversion_of(model)
+
+    def extras_for(rec, node):
+        try:
+            owner = model.get_submodule(rec.owner) if rec.owner else model
+        except AttributeError:
+            return None, f"owner module {rec.owner!r} not found in the model"
+        holder = owner._modules.get("attnswap")
+        if holder is None or not len(holder):
+            return None, (f"{rec.owner or '<root>'} has no SAS/QK-norm parameters: it was not "
+                          "converted (or was deselected)")
+        if len(holder) == 1:
+            return next(iter(holder.values())), None
+        key = code_key(rec.anchor)
+        for _table, entries in (conv.ordinals.items() if conv else ()):
+            for region_key, ordinal in entries.items():
+                if key_matches_suffix(region_key, key) and str(ordinal) in holder._modules:
+                    return holder[str(ordinal)], None
+        return None, f"could not tell which of {rec.owner}'s {len(holder)} sites this is"
+
+    return extras_for
 
 
 def export(model, example_inputs=None, path=None, attention: str | None = None, *,

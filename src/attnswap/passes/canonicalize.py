@@ -44,7 +44,7 @@ class SiteRecord:
 
     def key(self):
         # Recompiles (new lengths, train/eval) meet the same site again: one entry per identity.
-        return (self.region or self.owner, self.ordinal, self.pattern)
+        return (self.owner, self.ordinal)
 
     def detached(self) -> "SiteRecord":
         """The record without its graph nodes (picklable, copyable, small)."""

@@ -155,9 +155,9 @@ def head_geometry(rec: SiteRecord, node: fx.Node):
 
 
 # ``extras_for(record, node) -> (what, reason)``: what the site's learned parameters are —
-# an ``nn.Module`` (baked into the graph, e.g. for a ``torch.export`` graph of one model), an
-# ``int`` (the site's ordinal: the graph looks the module up in the region being called, so one
-# compiled graph serves every instance of a region class), or ``None`` with the reason.
+# an ``nn.Module`` (baked into the graph, e.g. for a ``torch.export`` graph of one model), a
+# ``(owner path in the region, ordinal)`` pair (the graph looks the module up in the region being
+# called, so one compiled graph serves every instance of a region class), or ``None`` + reason.
 ExtrasFor = Callable[[SiteRecord, fx.Node], tuple]
 
 
@@ -192,7 +192,7 @@ def retarget(gm: fx.GraphModule, records: list[SiteRecord], spec: RetargetSpec,
                 gm.add_submodule(name, what)
                 new = gm.graph.call_module(name, args=node.args, kwargs=kwargs)
             else:
-                new = gm.graph.call_function(run_site_extras, args=(int(what), *node.args),
+                new = gm.graph.call_function(run_site_extras, args=(tuple(what), *node.args),
                                              kwargs=kwargs)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)

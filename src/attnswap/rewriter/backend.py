@@ -125,14 +125,15 @@ def _lift_extras(gm: fx.GraphModule, template_for) -> list:
     anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     lifted, order = {}, []
     for n in nodes:
-        ordinal = n.args[0]
+        ordinal = n.args[0]  # the site's (owner path in the region, ordinal)
+        tag = "_".join(str(x) for x in ordinal).replace(".", "_")
         if ordinal not in lifted:
             mod = template_for(ordinal)
             names = tuple(name for name, _ in mod.named_parameters())
             phs = []
             for name in names:
                 with gm.graph.inserting_after(anchor):
-                    anchor = gm.graph.placeholder(f"attnswap_site{ordinal}_{name.replace('.', '_')}")
+                    anchor = gm.graph.placeholder(f"attnswap_{tag}_{name.replace('.', '_')}")
                 phs.append(anchor)
                 order.append((ordinal, name))
             _TEMPLATES[id(mod)] = mod

@@ -165,7 +165,6 @@ def _build(conv: Conversion, args, kwargs) -> None:
             conv._seen.clear()
         for path in [p for p in conv.regions if not conv.expected.get(p)]:
             conv.uninstall_region(path)  # held no attention; its skips stay in the report
-        _apply_selection(conv)
     finally:
         conv.converting = False
     if conv.strict:
@@ -182,22 +181,6 @@ def _is_loud(reason: str) -> bool:
     return is_loud(reason)
 
 
-def _apply_selection(conv: Conversion) -> None:
-    spec = conv.spec
-    if not spec.include and not spec.exclude:
-        return
-    for path in list(conv.regions):
-        veto = spec.accept_path(path)
-        if veto is None:
-            continue
-        sites = [r for r in conv.report.sites if r.region == path]
-        conv.uninstall_region(path)
-        from ..passes.canonicalize import SkipRecord
-
-        for r in sites:
-            conv.report.add_skip(SkipRecord(path, r.owner_type, r.pattern, veto))
-
-
 def _blame_inputs(model, args, kwargs, error) -> None:
     """Were the inputs at fault rather than attnswap? The original model tells."""
     snapshot = StateSnapshot(model)
@@ -206,9 +189,9 @@ def _blame_inputs(model, args, kwargs, error) -> None:
             model(*args, **kwargs)
     except Exception as original_error:
         raise ValueError(
-            f"calling the original {type(model).__name__} with example_inputs raised "
-            f"{type(original_error).__name__}: {original_error}. Fix the model or pass inputs "
-            "it accepts; attnswap did not change the model."
+            f"example_inputs do not fit {type(model).__name__}, or its forward fails: calling "
+            f"the original model with them raised {type(original_error).__name__}: "
+            f"{original_error}. Pass inputs the model accepts; attnswap did not change the model."
         ) from original_error
     finally:
         snapshot.restore()
@@ -226,9 +209,10 @@ def _nothing_converted(conv: Conversion, model) -> None:
         why = ("dynamo is disabled (TORCHDYNAMO_DISABLE=1 or torch._dynamo.config.disable), so "
                "attnswap cannot compile the attention")
     elif hits:
-        why = f"{len(hits)} softmax/attention call(s) found, none of them convertible"
+        why = (f"no softmax attention found: {len(hits)} softmax/attention call(s) ran, none of "
+               "them convertible attention (reasons below)")
     else:
-        why = "no softmax or attention call ran"
+        why = "no softmax attention found: no softmax or attention call ran"
     msg = f"attnswap: nothing converted in {name}: {why}; the model is returned unconverted.\n{report}"
     if conv.strict:
         raise AttnswapError(msg + " (strict=True)")
@@ -241,7 +225,10 @@ def _attach(target, conv: Conversion) -> None:
     target.__dict__["attnswap_spec"] = conv.spec
     cfg = getattr(target, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict") and hasattr(cfg, "architectures"):
-        cfg.attnswap = conv.describe()  # save_pretrained writes it into config.json
+        info = conv.describe()
+        # The same code path on reload: the sites' code keys are those of this implementation.
+        info["attn_implementation"] = getattr(cfg, "_attn_implementation", None)
+        cfg.attnswap = info  # save_pretrained writes it into config.json
 
 
 def unconvert(model: torch.nn.Module) -> torch.nn.Module:

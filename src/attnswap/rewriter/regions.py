@@ -102,6 +102,10 @@ class _GraphInfo:
     climb: bool = False
 
 
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
 def dynamo_disabled() -> bool:
     return bool(torch._dynamo.config.disable) or os.environ.get("TORCHDYNAMO_DISABLE", "") in ("1", "true", "True")
 
@@ -189,7 +193,8 @@ class Conversion:
         return self._compiler
 
     def _compiled_for(self, rf: RegionForward):
-        key = _cls_key(rf.module) if rf.previous is None else ("instance", rf.path)
+        shared = rf.previous is None and not (self.spec.include or self.spec.exclude)
+        key = _cls_key(rf.module) if shared else ("instance", rf.path)
         fn = self._compiled.get(key)
         if fn is None:
             if rf.previous is None:
@@ -228,12 +233,13 @@ class Conversion:
                 ) from e
 
     # ------------------------------------------------------------------ compiling (the backend)
-    def _ordinal(self, cls: str, key: str, graph_keys: list) -> int:
-        table = self.ordinals.setdefault(cls, {})
+    def _ordinal(self, cls: str, owner_rel: str, key: str, n_in_graph: int) -> int:
+        """The ordinal of a site among the sites its owner module's code holds."""
+        table = self.ordinals.setdefault(f"{cls}::{owner_rel}", {})
         if key in table:
             return table[key]
-        if not self.converting and len(table) == 1 and len(graph_keys) == 1:
-            # The same one-site region seen through other source lines (another library
+        if not self.converting and len(table) == 1 and n_in_graph == 1:
+            # The same one-site owner seen through other source lines (another library
             # version after a reload): it is the same site.
             return next(iter(table.values()))
         table[key] = len(table)
@@ -243,16 +249,21 @@ class Conversion:
         call = current_call()
         if call is None:
             raise AttnswapError("attnswap: a region graph was compiled outside its region's call")
-        module, cls = call.module, _cls_key(call.module)
+        module, cls, region = call.module, _cls_key(call.module), call.path
         self._graph_ids += 1
         info = _GraphInfo(self._graph_ids, cls)
-        geometries: dict[int, list] = {}
+        geometries: dict[tuple, list] = {}
+        accept = None
+        if self.spec.include or self.spec.exclude:  # such regions compile per instance
+            def accept(rec):
+                return self.spec.accept_path(_join(region, rec.owner))
 
         def assign(records, skipped):
             keys = unique_keys([code_key(r.anchor) for r in records])
             for r, k in zip(records, keys):
-                r.ordinal = self._ordinal(cls, k, keys)
-                r.owner_type = type(module).__name__
+                n = sum(1 for x in records if x.owner == r.owner)
+                r.ordinal = self._ordinal(cls, r.owner, k, n)
+                r.region = r.owner  # relative to the region until noted for an instance
             for s, k in zip(skipped, unique_keys([code_key(s.node) for s in skipped])):
                 self.reasons[(cls, k)] = s.reason
                 info.skips.append((s, k))
@@ -260,33 +271,36 @@ class Conversion:
                     info.climb = True
 
         def extras_for(rec, node):
+            site = (rec.owner, rec.ordinal)
             geom, why = head_geometry(rec, node)
             if geom is not None:
-                geometries[rec.ordinal] = list(geom)
-            have = module._modules.get("attnswap")
+                geometries[site] = list(geom)
+            owner = module.get_submodule(rec.owner) if rec.owner else module
+            have = owner._modules.get("attnswap")
             if have is not None and str(rec.ordinal) in have._modules:
-                return rec.ordinal, None
+                return site, None
             if not self.converting:
                 return None, ("this site was first compiled after attnswap.convert() returned, "
                               "so it has no SAS/QK-norm parameters; convert with example inputs "
                               "that reach it")
             if geom is None:
                 return None, why
-            self._ensure_extras(module, call.path, rec.ordinal, geom)
-            return rec.ordinal, None
+            self._ensure_extras(owner, _join(region, rec.owner), rec.ordinal, geom)
+            return site, None
 
-        result = run_pipeline(gm, self.spec, assign=assign,
+        result = run_pipeline(gm, self.spec, root=module, accept=accept, assign=assign,
                               extras_for=extras_for if self.spec.needs_parameters else None)
         self.report.graphs += 1
         kept = {id(r) for r in result.kept_softmax}
         for r in result.sites:
-            info.sites.append((r.ordinal, r.detached(), geometries.get(r.ordinal), id(r) in kept))
+            site = (r.owner, r.ordinal)
+            info.sites.append((site, r.detached(), geometries.get(site), id(r) in kept))
         for s in result.skipped[len(info.skips):]:  # kept-as-softmax sites, from retarget
             k = code_key(s.node)
             info.skips.append((s, k))
             self.reasons[(cls, k)] = s.reason
         info.skips = [(s.detached(), k) for s, k in info.skips]
-        converted = frozenset(o for o, _, _, k in info.sites if not k)
+        converted = frozenset(site for site, _, _, k in info.sites if not k)
         inner = compiler.inner_compile(gm, example_inputs)
         seen = self._seen
 
@@ -302,38 +316,40 @@ class Conversion:
 
         return run
 
-    def _ensure_extras(self, module, path: str, ordinal: int, geom) -> None:
-        holder = module._modules.get("attnswap")
+    def _ensure_extras(self, owner: torch.nn.Module, owner_path: str, ordinal: int, geom) -> None:
+        holder = owner._modules.get("attnswap")
         if holder is None:
             holder = torch.nn.ModuleDict()
-            module.add_module("attnswap", holder)
+            owner.add_module("attnswap", holder)
         if str(ordinal) not in holder._modules:
-            holder[str(ordinal)] = make_extras(self.spec, geom, like=module)
-        self.geometry[identity(path, ordinal)] = list(geom)
+            holder[str(ordinal)] = make_extras(self.spec, geom, like=owner)
+        self.geometry[identity(owner_path, ordinal)] = list(geom)
 
     def _note(self, call, info: _GraphInfo) -> None:
         """A graph ran in region ``call.path`` for the first time: report what it holds."""
         import dataclasses
 
-        for ordinal, rec, geom, kept in info.sites:
-            rec = dataclasses.replace(rec, region=call.path, owner=call.path)
-            if self.converting:
-                self.expected.setdefault(call.path, set()).add(ordinal)
-                if geom is not None and self.spec.needs_parameters and not kept:
-                    self._ensure_extras(call.module, call.path, ordinal, geom)
-            elif ordinal not in self.expected.get(call.path, set()):
-                self.expected.setdefault(call.path, set()).add(ordinal)
+        for site, rec, geom, kept in info.sites:
+            owner_rel, ordinal = site
+            rec = dataclasses.replace(rec, region=call.path, owner=_join(call.path, owner_rel))
+            expected = self.expected.setdefault(call.path, set())
+            if site not in expected:
+                expected.add(site)
+                if self.converting and geom is not None and self.spec.needs_parameters and not kept:
+                    owner = call.module.get_submodule(owner_rel) if owner_rel else call.module
+                    self._ensure_extras(owner, rec.owner, ordinal, geom)
             self.report.add_site(rec)
         for skip, _key in info.skips:
-            skip = dataclasses.replace(skip, location=call.path,
-                                       location_type=type(call.module).__name__)
-            if info.climb and any(b in skip.reason for b in _BOUNDARY):
-                continue  # discovery moves to the parent module; not a user-facing skip
+            loc = _join(call.path, skip.location) if skip.location else call.path
+            skip = dataclasses.replace(skip, location=loc)
+            if info.climb and call.path and (any(b in skip.reason for b in _BOUNDARY)
+                                             or "consumers" in skip.reason):
+                continue  # discovery moves to the parent module; not a user-facing skip yet
             self.report.add_skip(skip)
-            if is_loud(skip.reason) and not info.climb:
-                self._tell(call.path, None, skip.reason, raise_strict=False)
-        if info.climb and self.converting:
-            self.climb.add(call.path)
+            if is_loud(skip.reason):
+                self._tell(loc, None, skip.reason, raise_strict=False)
+        if info.climb and self.converting and call.path:
+            self.climb.add(call.path)  # the root has no parent: its skips stand
 
     # ------------------------------------------------------------------ accounting
     def account(self, rf: RegionForward, call) -> None:
@@ -343,15 +359,15 @@ class Conversion:
         if not expected:
             return
         missing = expected - call.ran
-        for ordinal in sorted(missing):
-            self._tell(rf.path, ordinal, self._why_softmax(rf, ordinal))
+        for owner_rel, ordinal in sorted(missing):
+            self._tell(_join(rf.path, owner_rel), ordinal, self._why_softmax(rf, owner_rel, ordinal))
 
-    def _why_softmax(self, rf: RegionForward, ordinal: int) -> str:
+    def _why_softmax(self, rf: RegionForward, owner_rel: str, ordinal: int) -> str:
         if dynamo_disabled():
             return ("dynamo is disabled (TORCHDYNAMO_DISABLE=1 or torch._dynamo.config.disable), "
                     "so the region ran its original code")
         cls = _cls_key(rf.module)
-        for key, o in self.ordinals.get(cls, {}).items():
+        for key, o in self.ordinals.get(f"{cls}::{owner_rel}", {}).items():
             if o == ordinal and (cls, key) in self.reasons:
                 return self.reasons[(cls, key)]
         return ("the region ran outside its compiled graphs (dynamo ran the original code, e.g. "
@@ -378,7 +394,7 @@ class Conversion:
             "exclude": list(self.spec.exclude),
             "inner": self.inner,
             "strict": self.strict,
-            "regions": {p: sorted(self.expected.get(p, ())) for p in self.regions},
+            "regions": {p: [list(x) for x in sorted(self.expected.get(p, ()))] for p in self.regions},
             "ordinals": self.ordinals,
             "geometry": self.geometry,
             "report": self.report.to_dict(),

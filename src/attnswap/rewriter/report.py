@@ -42,13 +42,14 @@ class ConversionReport:
         self.skipped.append(skip.detached())
         return True
 
-    def site(self, region: str, ordinal: int = 0) -> SiteRecord | None:
-        return next((r for r in self.sites if r.region == region and r.ordinal == ordinal), None)
+    def site(self, owner: str, ordinal: int = 0) -> SiteRecord | None:
+        """The site whose identity is ``owner[ordinal]``."""
+        return next((r for r in self.sites if r.owner == owner and r.ordinal == ordinal), None)
 
     @property
     def identities(self) -> list[str]:
-        """``region[ordinal]`` of every site, in the order they were found."""
-        return [identity(r.region or r.owner, r.ordinal) for r in self.sites]
+        """``owner[ordinal]`` of every site, in the order they were found."""
+        return [identity(r.owner, r.ordinal) for r in self.sites]
 
     @property
     def owners(self) -> list[str]:
@@ -62,7 +63,7 @@ class ConversionReport:
             d = dataclasses.asdict(r.detached())
             d.pop("node")
             d.pop("anchor")
-            d["identity"] = identity(r.region or r.owner, r.ordinal)
+            d["identity"] = identity(r.owner, r.ordinal)
             return d
 
         def skip(s: SkipRecord):
@@ -80,7 +81,7 @@ class ConversionReport:
 
     def rows(self):
         for r in self.sites:
-            yield [identity(r.region or r.owner, r.ordinal), r.pattern, _fmt_shape(r.q_shape), _fmt_shape(r.k_shape),
+            yield [identity(r.owner, r.ordinal), r.pattern, _fmt_shape(r.q_shape), _fmt_shape(r.k_shape),
                    f"{r.scale:.4g}", r.mask, "yes" if r.causal else "no", str(r.gqa_groups),
                    r.kind]
 

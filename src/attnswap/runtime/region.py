@@ -55,24 +55,28 @@ def mark_ran(ordinals) -> None:
         call.ran.update(ordinals)
 
 
-def site_extras(ordinal: int) -> torch.nn.Module:
-    """The SAS / QK-norm module of site ``ordinal`` of the region being called."""
+def site_extras(site: tuple) -> torch.nn.Module:
+    """The SAS / QK-norm module of ``site = (owner path inside the region, ordinal)`` in the
+    region being called (``<owner>.attnswap.<ordinal>``)."""
     call = _current.get()
     if call is None:
         raise RuntimeError(
             "attnswap: a converted attention site with learned parameters ran outside its "
             "region's call; call the converted model (or the region module) itself")
-    extras = call.module._modules.get("attnswap")
+    owner_rel, ordinal = site
+    owner = call.module.get_submodule(owner_rel) if owner_rel else call.module
+    extras = owner._modules.get("attnswap")
     if extras is None or str(ordinal) not in extras._modules:
+        where = ".".join(p for p in (call.path, owner_rel) if p) or "<root>"
         raise RuntimeError(
-            f"attnswap: region {call.path or '<root>'} has no parameters for site {ordinal}; "
-            "SAS / QK-norm parameters are created by attnswap.convert() only")
+            f"attnswap: {where} has no parameters for its site {ordinal}; SAS / QK-norm "
+            "parameters are created by attnswap.convert() only")
     return extras._modules[str(ordinal)]
 
 
-def run_site_extras(ordinal: int, *args, **kwargs):
+def run_site_extras(site_id: tuple, *args, **kwargs):
     """Graph node of a site with learned parameters: the region's own module for that site."""
-    return site_extras(ordinal)(*args, **kwargs)
+    return site_extras(site_id)(*args, **kwargs)
 
 
 class RegionForward:
