@@ -30,7 +30,7 @@ from .report import ConversionReport
 
 # Skip reasons that mean "this softmax probably *was* attention, and it still runs as softmax".
 LOUD = ("graph break", "fused attention kernel", "not found in the model", "head axis",
-        "symbolic", "consumers", "kept as softmax", "outside this graph")
+        "symbolic", "consumers", "kept as softmax", "outside this graph", "leave the compiled graph")
 
 
 class AttentionSwapWarning(UserWarning):

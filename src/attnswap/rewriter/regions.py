@@ -127,6 +127,7 @@ class Conversion:
         self.converting = False
         self.climb: set = set()
         self.hook_ids: list = []
+        self.holders: set = set()  # owner paths that hold an ``attnswap`` ModuleDict of ours
         self._warned: set = set()
         self._seen: set = set()  # (region path, graph id) already noted
         self._graph_ids = 0
@@ -159,7 +160,10 @@ class Conversion:
             m.forward = rf.previous
         else:
             m.__dict__.pop("forward", None)
-        m._modules.pop("attnswap", None)
+        for owner_path in [o for o in self.holders if o == path or o.startswith(path + ".") or not path]:
+            owner = self.root.get_submodule(owner_path) if owner_path else self.root
+            owner._modules.pop("attnswap", None)
+            self.holders.discard(owner_path)
         self.expected.pop(path, None)
         if path in self.report.regions:
             self.report.regions.remove(path)
@@ -265,10 +269,14 @@ class Conversion:
                 r.ordinal = self._ordinal(cls, r.owner, k, n)
                 r.region = r.owner  # relative to the region until noted for an instance
             for s, k in zip(skipped, unique_keys([code_key(s.node) for s in skipped])):
+                if _escapes(s.node) or any(b in s.reason for b in _BOUNDARY):
+                    info.climb = True
+                    if not region:  # the root has no parent to hold the rest of the site
+                        s.reason = (f"{s.reason}: the attention probabilities leave the compiled "
+                                    "graph before the value matmul (a graph break inside the "
+                                    "attention, or the weights are returned to the caller)")
                 self.reasons[(cls, k)] = s.reason
                 info.skips.append((s, k))
-                if any(b in s.reason for b in _BOUNDARY) or _escapes(s.node):
-                    info.climb = True
 
         def extras_for(rec, node):
             site = (rec.owner, rec.ordinal)
@@ -321,6 +329,7 @@ class Conversion:
         if holder is None:
             holder = torch.nn.ModuleDict()
             owner.add_module("attnswap", holder)
+            self.holders.add(owner_path)
         if str(ordinal) not in holder._modules:
             holder[str(ordinal)] = make_extras(self.spec, geom, like=owner)
         self.geometry[identity(owner_path, ordinal)] = list(geom)
