@@ -313,13 +313,13 @@ class Conversion:
         seen = self._seen
 
         def run(*args):
-            out = inner(*args)
             c = current_call()
+            if c is not None and (c.path, info.gid) not in seen:
+                seen.add((c.path, info.gid))
+                self._note(c, info)  # first, so another instance's SAS modules exist in convert()
+            out = inner(*args)
             if c is not None:
                 c.ran.update(converted)
-                if (c.path, info.gid) not in seen:
-                    seen.add((c.path, info.gid))
-                    self._note(c, info)
             return out
 
         return run
