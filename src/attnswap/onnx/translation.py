@@ -10,7 +10,7 @@ graph is built and we branch on them in Python; everything that depends on a run
 Only standard ONNX ops are emitted (MatMul, Mul, Add, Where, Softmax, Sigmoid, Relu, Clip, Erf,
 Softplus, ReduceSum, Pow, Range, Expand, Reshape, ...), at opset 18 or later, so stock
 onnxruntime runs the result. The math mirrors :mod:`attnswap.kernels.reference` exactly
-(DESIGN.md §2):
+(docs/design.md §2):
 
 * compute in fp32 (fp64 stays fp64), output in the input dtype;
 * GQA: query head ``h`` reads key/value head ``h // (Hq // Hkv)`` (``repeat_interleave`` order);
