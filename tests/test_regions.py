@@ -244,9 +244,9 @@ def test_llama_call_variety_train_eval_grad_no_grad():
 def test_recompile_limit_is_an_attnswap_error_naming_the_region(monkeypatch):
     from attnswap.rewriter import regions
 
-    c = attnswap.convert(tiny_llama(), "sigmoid", {"input_ids": ids()})
-    monkeypatch.setattr(regions, "BASE_RECOMPILE_LIMIT", 0)
+    monkeypatch.setattr(regions, "BASE_RECOMPILE_LIMIT", 1)
     monkeypatch.setattr(regions, "PER_INSTANCE_RECOMPILES", 0)
+    c = attnswap.convert(tiny_llama(layers=1), "sigmoid", {"input_ids": ids()})
     with pytest.raises(attnswap.AttnswapError, match=r"region model\.layers\.0 .*recompiled"):
         c.train()(input_ids=ids(3, 5))
 

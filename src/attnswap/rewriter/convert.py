@@ -154,7 +154,7 @@ def _build(conv: Conversion, args, kwargs) -> None:
                 if path not in conv.regions or path == "":
                     continue
                 conv.uninstall_region(path)
-                parent = path.rsplit(".", 1)[0] if "." in path else ""
+                parent = disc.caller(path)
                 if any(parent == p or parent.startswith(p + ".") or p == "" for p in conv.regions):
                     continue  # an installed region already holds the parent
                 for p in [p for p in conv.regions if p.startswith(parent + ".") or parent == ""]:
@@ -164,6 +164,7 @@ def _build(conv: Conversion, args, kwargs) -> None:
             conv.report.skipped.clear()
             conv._seen.clear()
         for path in [p for p in conv.regions if not conv.expected.get(p)]:
+            conv.check_recompile_limit(conv.regions[path])
             conv.uninstall_region(path)  # held no attention; its skips stay in the report
     finally:
         conv.converting = False

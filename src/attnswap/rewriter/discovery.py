@@ -43,6 +43,13 @@ class Hit:
 @dataclass
 class Discovery:
     hits: list[Hit] = field(default_factory=list)
+    callers: dict = field(default_factory=dict)  # module path -> path of the module that called it
+
+    def caller(self, path: str) -> str:
+        """The module whose code called ``path`` (containers such as ModuleList never run)."""
+        if path in self.callers:
+            return self.callers[path]
+        return path.rsplit(".", 1)[0] if "." in path else ""
 
     def candidates(self) -> list[str]:
         """Innermost module paths, outermost-wins when one candidate holds another."""
@@ -65,13 +72,12 @@ class _Watch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         op = _WATCHED.get(func)
         if op is not None:
-            path, inside = "", False
-            for m in reversed(self.stack):
-                if isinstance(m.__dict__.get("forward"), RegionForward):
-                    inside = True
-                if id(m) in self.paths:
-                    path = self.paths[id(m)]
-                    break
+            inside = any(isinstance(m.__dict__.get("forward"), RegionForward) for m in self.stack)
+            chain = [self.paths[id(m)] for m in self.stack if id(m) in self.paths]
+            path = chain[-1] if chain else ""
+            for outer, inner in zip(chain, chain[1:]):
+                if inner != outer:
+                    self.disc.callers.setdefault(inner, outer)
             self.disc.hits.append(Hit(op, path, inside))
         return func(*args, **(kwargs or {}))
 

@@ -18,7 +18,6 @@ A :class:`Conversion` belongs to one converted model (``model._attnswap``). It
 from __future__ import annotations
 
 import operator
-import os
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..config import dynamo_disabled_by_env
 from ..passes.pipeline import run_pipeline
 from ..passes.retarget import RetargetSpec, head_geometry, make_extras
 from ..runtime.fastpath import DisableFastpath, no_mha_fastpath
@@ -107,7 +107,7 @@ def _join(*parts: str) -> str:
 
 
 def dynamo_disabled() -> bool:
-    return bool(torch._dynamo.config.disable) or os.environ.get("TORCHDYNAMO_DISABLE", "") in ("1", "true", "True")
+    return bool(torch._dynamo.config.disable) or dynamo_disabled_by_env()
 
 
 class Conversion:
@@ -128,6 +128,7 @@ class Conversion:
         self.climb: set = set()
         self.hook_ids: list = []
         self.holders: set = set()  # owner paths that hold an ``attnswap`` ModuleDict of ours
+        self.compiles: dict = {}  # region class -> graphs compiled for it
         self._warned: set = set()
         self._seen: set = set()  # (region path, graph id) already noted
         self._graph_ids = 0
@@ -211,7 +212,7 @@ class Conversion:
 
             name = f"{type(rf.module).__name__}_attnswap_region{id(self) % 10**8}"
             fn = torch.compile(_trampoline(forward, name), backend=self.compiler,
-                               dynamic=self.dynamic)
+                               dynamic=self.dynamic, recompile_limit=self._recompile_limit(rf.module))
             self._compiled[key] = fn
         return fn
 
@@ -220,21 +221,10 @@ class Conversion:
         return BASE_RECOMPILE_LIMIT + PER_INSTANCE_RECOMPILES * n
 
     def run_region(self, rf: RegionForward, args, kwargs):
-        fn = self._compiled_for(rf)
-        limit = self._recompile_limit(rf.module)
-        with no_mha_fastpath(), torch._dynamo.config.patch(
-                recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit),
-                fail_on_recompile_limit_hit=True):
-            try:
-                return fn(rf.module, *args, **kwargs)
-            except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-                raise AttnswapError(
-                    f"attnswap: region {rf.path or '<root>'} ({type(rf.module).__name__}) of "
-                    f"{self.report.model} was recompiled {limit} times; attnswap stops here "
-                    "rather than run it unconverted. The guard that keeps failing is in "
-                    "TORCH_LOGS=recompiles; pass dynamic=True to attnswap.convert for varying "
-                    "shapes, or report the call pattern as an attnswap issue."
-                ) from e
+        # No per-call config patching here: it costs milliseconds. The recompile limit is the
+        # compiled function's own; past it dynamo runs the original code, which the accounting
+        # below turns into an error naming the region.
+        return self._compiled_for(rf)(rf.module, *args, **kwargs)
 
     # ------------------------------------------------------------------ compiling (the backend)
     def _ordinal(self, cls: str, owner_rel: str, key: str, n_in_graph: int) -> int:
@@ -255,6 +245,7 @@ class Conversion:
             raise AttnswapError("attnswap: a region graph was compiled outside its region's call")
         module, cls, region = call.module, _cls_key(call.module), call.path
         self._graph_ids += 1
+        self.compiles[cls] = self.compiles.get(cls, 0) + 1
         info = _GraphInfo(self._graph_ids, cls)
         geometries: dict[tuple, list] = {}
         accept = None
@@ -368,8 +359,20 @@ class Conversion:
         if not expected:
             return
         missing = expected - call.ran
+        if missing:
+            self.check_recompile_limit(rf)
         for owner_rel, ordinal in sorted(missing):
             self._tell(_join(rf.path, owner_rel), ordinal, self._why_softmax(rf, owner_rel, ordinal))
+
+    def check_recompile_limit(self, rf: RegionForward) -> None:
+        limit = self._recompile_limit(rf.module)
+        if self.compiles.get(_cls_key(rf.module), 0) >= limit:
+            raise AttnswapError(
+                f"attnswap: region {rf.path or '<root>'} ({type(rf.module).__name__}) of "
+                f"{self.report.model} was recompiled {limit} times, so dynamo ran it as the "
+                "original code (softmax). The guard that keeps failing is in "
+                "TORCH_LOGS=recompiles; pass dynamic=True to attnswap.convert for varying "
+                "shapes, or report the call pattern as an attnswap issue.")
 
     def _why_softmax(self, rf: RegionForward, owner_rel: str, ordinal: int) -> str:
         if dynamo_disabled():

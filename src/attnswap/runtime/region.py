@@ -108,6 +108,12 @@ class RegionForward:
         conv.account(self, call)
         return out
 
+    # Another compile (an outer conversion's region, or the user's torch.compile of the whole
+    # converted model) must not trace into a region: it would re-detect the region's original
+    # softmax and rewrite it to *its* kind. The region call is a graph break there, and runs
+    # this conversion's own compiled code.
+    __call__ = torch._dynamo.disable(__call__, recursive=False)
+
     # The signature users and libraries inspect is the original one.
     @property
     def __signature__(self):
