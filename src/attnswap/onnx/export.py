@@ -346,7 +346,11 @@ def export_program(module, args=(), kwargs=None, *, dynamic_shapes=None, strict:
         )
     args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
     shapes = _strings_to_dims(dynamic_shapes)
-    with _eval_mode(module):
+    from ..rewriter.convert import original_code
+
+    # A converted model's regions run compiled code torch.export cannot trace: export traces the
+    # original code (attnswap.onnx.export then rewrites it with the same passes).
+    with _eval_mode(module), original_code(module):
         try:
             return torch.export.export(
                 module, args, kwargs=dict(kwargs or {}) or None, dynamic_shapes=shapes,

@@ -17,28 +17,10 @@ import torch
 from ..models import output_tensor
 from ..passes.pipeline import run_pipeline
 from ..passes.retarget import RetargetSpec
-from ..rewriter.convert import ExampleInputs, _example_call, conversion_of, convert
+from ..rewriter.convert import ExampleInputs, _example_call, conversion_of, convert, original_code
 from ..rewriter.site_identity import code_key, key_matches_suffix
 from ..rewriter.report import ConversionReport
 from .export import _export_error, _strings_to_dims, export_module, export_program
-
-
-@contextlib.contextmanager
-def original_code(model):
-    """Run a converted model's original code (no region's compiled forward) for the duration."""
-    conv = conversion_of(model)
-    saved = []
-    if conv is not None:
-        for rf in conv.regions.values():
-            saved.append((rf.module, rf.module.__dict__.pop("forward", None)))
-            if rf.previous is not None:
-                rf.module.forward = rf.previous
-    try:
-        yield
-    finally:
-        for m, fwd in saved:
-            if fwd is not None:
-                m.__dict__["forward"] = fwd
 
 
 def _complete_shapes(dynamic_shapes, kwargs):

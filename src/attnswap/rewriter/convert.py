@@ -16,6 +16,7 @@ with ``strict=True``. Every softmax left alone is in the report, with its reason
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -245,6 +246,25 @@ def unconvert(model: torch.nn.Module) -> torch.nn.Module:
     if cfg is not None and hasattr(cfg, "attnswap"):
         delattr(cfg, "attnswap")
     return model
+
+
+@contextlib.contextmanager
+def original_code(model):
+    """Run a converted model's original code (no region's compiled forward) for the duration:
+    what ``torch.export`` must trace (it cannot trace a compiled region)."""
+    conv = conversion_of(model)
+    saved = []
+    if conv is not None:
+        for rf in conv.regions.values():
+            saved.append((rf.module, rf.module.__dict__.pop("forward", None)))
+            if rf.previous is not None:
+                rf.module.forward = rf.previous
+    try:
+        yield
+    finally:
+        for m, fwd in saved:
+            if fwd is not None:
+                m.__dict__["forward"] = fwd
 
 
 def report_of(model) -> ConversionReport | None:

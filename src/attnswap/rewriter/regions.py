@@ -221,10 +221,19 @@ class Conversion:
         return BASE_RECOMPILE_LIMIT + PER_INSTANCE_RECOMPILES * n
 
     def run_region(self, rf: RegionForward, args, kwargs):
-        # No per-call config patching here: it costs milliseconds. The recompile limit is the
+        # No config.patch here: it costs milliseconds per call. The recompile limit is the
         # compiled function's own; past it dynamo runs the original code, which the accounting
-        # below turns into an error naming the region.
-        return self._compiled_for(rf)(rf.module, *args, **kwargs)
+        # turns into an error naming the region. Floats stay specialized (one attribute, ~8 us):
+        # instances of one class with different float attributes (a per-stage scale) would
+        # otherwise make the scale symbolic after the second instance, and the site unfoldable.
+        fn = self._compiled_for(rf)
+        cfg = torch._dynamo.config
+        prev = cfg.specialize_float
+        cfg.specialize_float = True
+        try:
+            return fn(rf.module, *args, **kwargs)
+        finally:
+            cfg.specialize_float = prev
 
     # ------------------------------------------------------------------ compiling (the backend)
     def _ordinal(self, cls: str, owner_rel: str, key: str, n_in_graph: int) -> int:

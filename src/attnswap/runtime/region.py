@@ -112,7 +112,7 @@ class RegionForward:
     # converted model) must not trace into a region: it would re-detect the region's original
     # softmax and rewrite it to *its* kind. The region call is a graph break there, and runs
     # this conversion's own compiled code.
-    __call__ = torch._dynamo.disable(__call__, recursive=False)
+    __call__ = torch._dynamo.disable(__call__)
 
     # The signature users and libraries inspect is the original one.
     @property
