@@ -22,22 +22,27 @@ import triton
 from .common import INTERPRET
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+#
+# The Hopper lists hold only tiles that compile for sm90 with 0 register spills and one MUFU op
+# per score (sigmoid), checked by compile_check.py / tests/test_kernels_sm90.py at head dims 64
+# and 128, bf16/fp16, with and without masks. Dropped for spilling (hd 128, bytes of spill
+# stores; Triton 3.8, ptxas 13): fwd (128,64,4,3) 540, (128,32,4,3) 8-88; dQ (128,128,8,2) 112,
+# (128,32,4,3) 232, (64,128,4,2) 236; dK/dV (128,128,8,2) 1232, (64,64,4,3) 124,
+# (32,128,4,3) 3348, (32,64,4,2) 20, and (128,64,8,2) which also computes every score twice (2
+# MUFU ops per score: its layout replicates the transposed tile across warps).
 _FWD_HOPPER = [
-    (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-    (128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+    (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 3),
+    (64, 32, 4, 2),
 ]
 _FWD_GENERIC = [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
 
 # dQ: BLOCK_M query rows resident, loop over BLOCK_N keys.
-_DQ_HOPPER = [
-    (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2), (64, 32, 4, 2),
-]
+_DQ_HOPPER = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 _DQ_GENERIC = [(64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)]
 
-# dK/dV: BLOCK_N keys resident, loop over BLOCK_M query rows.
-_DKDV_HOPPER = [
-    (64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 8, 2), (32, 64, 4, 2),
-]
+# dK/dV: BLOCK_N keys resident, loop over BLOCK_M query rows. (64,128,8,3) spills 296 B when it
+# also writes the float-mask gradient (DMASK), 20 B with FAST_SIG's inline asm: dropped there.
+_DKDV_HOPPER = [(64, 128, 8, 3), (32, 128, 8, 3)]
 _DKDV_GENERIC = [(64, 64, 4, 2), (32, 128, 4, 2), (32, 64, 4, 2)]
 
 _INTERPRETER_TILE = (64, 64)
@@ -68,6 +73,11 @@ def dkdv_configs():
     return _configs(_DKDV_HOPPER, _DKDV_GENERIC)
 
 
+# ((major, minor), shared memory per block) that the pruners use instead of asking the GPU:
+# set by compile_check.compile_only, which compiles for a device that is not there.
+DEVICE_OVERRIDE = None
+
+
 @functools.lru_cache(maxsize=None)
 def _device_info(index: int):
     props = torch.cuda.get_device_properties(index)
@@ -87,16 +97,26 @@ def _make_pruner(hopper, generic, smem_of):
         q = args.get("Q")
         bd, bdv = args.get("BLOCK_D", 64), args.get("BLOCK_DV", 64)
         elsize = q.element_size() if isinstance(q, torch.Tensor) else 2
-        if isinstance(q, torch.Tensor) and q.is_cuda:
+        mask = args.get("Mask")
+        # A mask read per element is a [BLOCK_M, BLOCK_N] tile per pipeline stage as well.
+        mask_el = (mask.element_size() if isinstance(mask, torch.Tensor)
+                   and (args.get("MASK_ADD") or args.get("MASK_VIS")) else 0)
+        if DEVICE_OVERRIDE is not None:
+            cap, smem_limit = DEVICE_OVERRIDE
+        elif isinstance(q, torch.Tensor) and q.is_cuda:
             cap, smem_limit = _device_info(q.device.index or 0)
         else:  # pragma: no cover - interpreter never prunes (single config)
             cap, smem_limit = (8, 0), 99 * 1024
         wanted = hopper_set if cap[0] == 9 else generic_set
         cands = [c for c in configs if _tile(c) in wanted] or list(configs)
-        fits = [c for c in cands if smem_of(*_tile(c), bd, bdv, elsize) <= smem_limit]
+        fits = [c for c in cands if smem_of(*_tile(c), bd, bdv, elsize, mask_el) <= smem_limit]
         if not fits:
             # nothing fits the estimate: keep the smallest tile and let the compiler decide.
-            fits = [min(cands, key=lambda c: smem_of(*_tile(c), bd, bdv, elsize))]
+            fits = [min(cands, key=lambda c: smem_of(*_tile(c), bd, bdv, elsize, mask_el))]
+        if (args.get("DMASK") or args.get("FAST_SIG")) and "DMASK" in args and cap[0] == 9:
+            # dK/dV writing the mask gradient, or with tanh.approx inline asm: 64x128 spills
+            small = [c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 128]
+            fits = small or fits
         if bd > 128 or bdv > 128:
             # 256-wide heads: 128x128 fp32 score tiles plus 128x256 accumulators spill badly.
             small = [c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
@@ -106,16 +126,16 @@ def _make_pruner(hopper, generic, smem_of):
     return prune
 
 
-def _smem_fwd(bm, bn, w, s, bd, bdv, el):
-    return el * (bm * bd + s * bn * (bd + bdv))
+def _smem_fwd(bm, bn, w, s, bd, bdv, el, mel=0):
+    return el * (bm * bd + s * bn * (bd + bdv)) + s * bm * bn * mel
 
 
-def _smem_dq(bm, bn, w, s, bd, bdv, el):
-    return el * (bm * (bd + bdv) + s * bn * (bd + bdv))
+def _smem_dq(bm, bn, w, s, bd, bdv, el, mel=0):
+    return el * (bm * (bd + bdv) + s * bn * (bd + bdv)) + s * bm * bn * mel
 
 
-def _smem_dkdv(bm, bn, w, s, bd, bdv, el):
-    return el * (bn * (bd + bdv) + s * bm * (bd + bdv))
+def _smem_dkdv(bm, bn, w, s, bd, bdv, el, mel=0):
+    return el * (bn * (bd + bdv) + s * bm * (bd + bdv)) + s * bm * bn * mel
 
 
 prune_fwd = _make_pruner(_FWD_HOPPER, _FWD_GENERIC, _smem_fwd)

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compile_check import collecting, launch
 from .autotune import AUTOTUNE_KEY, dkdv_configs, dq_configs, length_bucket, prune_dkdv, prune_dq
 from .common import (
     KIND_SOFTMAX,
@@ -63,7 +64,7 @@ def _dq_block(
     dq, cnt, q, do, mrow, l2row, delta, offs_m, start_n,
     K, V, Mask, k_base, v_base, m_base, drop_base,
     skn, skd, svn, svd, smm, smn,
-    Tq, Tk, scale, sig_bias, mthr, seed_term, drop_thr, drop_scale,
+    Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr, drop_scale,
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_ADD: tl.constexpr, MASK_VIS: tl.constexpr, MASK_BOOL: tl.constexpr,
     VISIBLE: tl.constexpr, DROPOUT: tl.constexpr, FAST_SIG: tl.constexpr, USE_ASM: tl.constexpr,
@@ -130,7 +131,9 @@ def _dq_block(
         if BOUNDARY or MASK_VIS:
             ds = tl.where(vis, ds, 0.0)
     else:
-        ds = activation_grad(s, ACT) * dp  # times L^-alpha, applied per row at the end
+        # h'(S) dP times L^-alpha (Tk^-alpha for length="visible", fixed per row at the end)
+        # BEFORE the cast to K's dtype: h'(S) dP alone overflows fp16 (relu2: 2 S dP).
+        ds = activation_grad(s, ACT) * dp * post
         if BOUNDARY or MASK_VIS:
             ds = tl.where(vis, ds, 0.0)
             if VISIBLE:
@@ -206,26 +209,28 @@ def _attn_bwd_dq(
     for start_n in range(0, n_full, BLOCK_N):
         dq, cnt = _dq_block(
             dq, cnt, q, do, mrow, l2row, delta, offs_m, start_n, K, V, Mask, k_base, v_base, m_base,
-            drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, mthr, seed_term,
+            drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr, seed_term,
             drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT,
             FAST_SIG, USE_ASM, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
         )
     for start_n in range(n_full, hi, BLOCK_N):
         dq, cnt = _dq_block(
             dq, cnt, q, do, mrow, l2row, delta, offs_m, start_n, K, V, Mask, k_base, v_base, m_base,
-            drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, mthr, seed_term,
+            drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr, seed_term,
             drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT,
             FAST_SIG, USE_ASM, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
         )
 
     if KIND == 2:
         if VISIBLE:
-            cntf = cnt.to(tl.float32)
-            linv = tl.where(cnt > 0, tl.exp2(-alpha * tl.log2(tl.maximum(cntf, 1.0))), 0.0)
+            cntf = tl.maximum(cnt.to(tl.float32), 1.0)
+            linv = tl.where(cnt > 0, tl.exp2(-alpha * tl.log2(cntf)), 0.0)
             tl.store(Linv + row_base + offs_m, linv, mask=row_ok)
-            dq = dq * (linv * scale)[:, None]
+            # dS carried Tk^-alpha: multiply by (Tk/cnt)^alpha
+            fix = tl.exp2(alpha * (tl.log2(cntf * 0.0 + Tk) - tl.log2(cntf)))
+            dq = dq * (tl.where(cnt > 0, fix, 0.0) * scale)[:, None]
         else:
-            dq = dq * (post * scale)
+            dq = dq * scale
     else:
         dq = dq * scale
     tl.store(DQ + b64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
@@ -473,21 +478,23 @@ def backward(grad_out, q, k, v, attn_mask, out, p, need_mask_grad: bool):
     common = dict(
         KIND=sc.kind, ACT=sc.act, CAUSAL=bool(p.is_causal),
         MASK_ADD=mi.add, MASK_VIS=mi.vis, MASK_BOOL=mi.is_bool, VISIBLE=sc.visible,
-        DROPOUT=sc.dropout, FAST_SIG=sc.fast_sigmoid, USE_ASM=TANH_APPROX_ASM and q.is_cuda,
-        F32=compute_in_fp32(), DOT_PREC=dot_precision(q.dtype),
+        DROPOUT=sc.dropout, FAST_SIG=sc.fast_sigmoid, USE_ASM=TANH_APPROX_ASM and (q.is_cuda or collecting()),
+        F32=compute_in_fp32(q.dtype), DOT_PREC=dot_precision(q.dtype),
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv),
     )
     scalars = (Hq, Tq, Tk, Hq // Hkv, float(p.scale), sc.sig_bias, sc.post, sc.alpha, mi.threshold,
                sc.seed_term, sc.drop_thr, sc.drop_scale, length_bucket(Tq), length_bucket(Tk))
 
     grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), Hq, B)  # noqa: E731
-    _attn_bwd_dq[grid_q](
+    launch(
+        _attn_bwd_dq, grid_q,
         q, k, v, grad_out, dq, mi.tensor, stats, linv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mi.strides,
         *scalars, **common,
     )
     grid_k = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), Hkv, B)  # noqa: E731
-    _attn_bwd_dkdv[grid_k](
+    launch(
+        _attn_bwd_dkdv, grid_k,
         q, k, v, grad_out, dk, dv, mi.tensor, dmask_full if need_mask_grad else dummy, stats, linv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *mi.strides, *scalars, DMASK=need_mask_grad, **common,
