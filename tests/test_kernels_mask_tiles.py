@@ -76,15 +76,29 @@ def test_softmax_rows_that_see_nothing_stay_uniform(monkeypatch):
 
 def test_tile_classes_of_a_causal_mask():
     T, bq, bk = 64, 16, 16
-    skip, free = cpu._mask_tiles(_causal(T, 2), "sigmoid", bq, bk)
+    skip, free, _ = cpu._mask_tiles(_causal(T, 2), "sigmoid", bq, bk)
     n = T // bq
     assert [[skip(i, j) for j in range(n)] for i in range(n)] == [[j > i for j in range(n)]
                                                                  for i in range(n)]
     assert [[free(i, j) for j in range(n)] for i in range(n)] == [[j < i for j in range(n)]
                                                                  for i in range(n)]
     # a padding mask broadcast over rows: one row of tiles serves every query block
-    skip, free = cpu._mask_tiles(_padding(2, T, [64, 20]), "relu", bq, bk)
+    skip, free, _ = cpu._mask_tiles(_padding(2, T, [64, 20]), "relu", bq, bk)
     assert [skip(5, j) for j in range(4)] == [False, False, False, False]  # batch 0 sees all
-    skip, free = cpu._mask_tiles(_padding(2, T, [20, 20]), "relu", bq, bk)
+    skip, free, _ = cpu._mask_tiles(_padding(2, T, [20, 20]), "relu", bq, bk)
     assert [skip(3, j) for j in range(4)] == [False, False, True, True]
     assert [free(3, j) for j in range(4)] == [True, False, False, False]
+
+
+def test_float_mask_with_a_bias_is_not_taken_for_pure_visibility(monkeypatch):
+    """A tile holding a real bias beside finfo.min entries must still add the bias (ALiBi-like
+    slopes on a causal mask), while tiles with only 0 / finfo.min need no addition."""
+    monkeypatch.setenv(cpu.ENV_BLOCK, "16")
+    T = 64
+    bias = torch.zeros(1, 1, T, T)
+    bias[..., 40:, 10:20] = -0.7  # a biased block in tile rows 2-3, tile column 0-1
+    mask = bias.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), MIN)
+    _, _, pure = cpu._mask_tiles(mask, "sigmoid", 16, 16)
+    assert not pure(3, 0) and pure(1, 1) and pure(3, 3)
+    _check("sigmoid", mask)
+    _check("relu", mask)

@@ -131,7 +131,7 @@ class _Problem:
         self._row_scale = None
         # tiles(bq, bk): the whole call's tile classes (valid for a task's slice of the batch
         # and heads too: "all hidden" / "all visible" over everything holds for any part)
-        self._skip, self._free = (tiles or (lambda bq, bk: _mask_tiles(attn_mask, p.kind, bq, bk)))(
+        self._skip, self._free, self._pure = (tiles or (lambda bq, bk: _mask_tiles(attn_mask, p.kind, bq, bk)))(
             self.bq, self.bk)
 
     # -- layout ---------------------------------------------------------------------------------
@@ -215,9 +215,10 @@ class _Problem:
                 adds.append(self.heads5(mt.to(self.ct)))
             else:
                 vis = (~float_mask_is_masked(mt)).to(self.ct)
-                lo = torch.finfo(self.ct).min
-                add = torch.clamp_min(mt.to(self.ct), lo).mul_(vis)  # masked → 0 (−inf too)
-                adds.append(self.heads5(add))
+                if not self._pure(i0 // self.bq, j0 // self.bk):
+                    lo = torch.finfo(self.ct).min
+                    add = torch.clamp_min(mt.to(self.ct), lo).mul_(vis)  # masked → 0 (−inf too)
+                    adds.append(self.heads5(add))
                 muls.append(self.heads5(vis))
         return adds, muls
 
@@ -338,8 +339,9 @@ def _mask_tiles(mask, kind: str, bq: int, bk: int):
     free; only diagonal tiles read the mask.
     """
     if mask is None:
-        return None, None
+        return None, None, None
     lo, hi = _tile_minmax(mask, bq, bk)
+    pure = None
     if mask.dtype == torch.bool:
         all_true = 1 if lo.dtype == torch.uint8 else 0x0101010101010101
         skip, free = hi == 0, lo == all_true
@@ -351,8 +353,14 @@ def _mask_tiles(mask, kind: str, bq: int, bk: int):
             row_max = mask.amax(-1, keepdim=True)  # [b, h, R, 1]
             rlo, _ = _tile_minmax(row_max, bq, 1)
             skip &= rlo > thr  # [nR, 1]
+        else:
+            # "pure" tiles hold only 0 and masked entries (HF's causal/padding masks): for
+            # sigmoid/ReLU they are a 0/1 visibility, with no bias to add to S.
+            plo, phi = _tile_minmax(mask.masked_fill(mask <= thr, 0.0), bq, bk)
+            pure = (plo == 0) & (phi == 0)
     one_row, one_col = mask.shape[2] == 1, mask.shape[3] == 1  # broadcast dims: one tile
-    return _lookup(skip.tolist(), one_row, one_col), _lookup(free.tolist(), one_row, one_col)
+    look = lambda t: None if t is None else _lookup(t.tolist(), one_row, one_col)  # noqa: E731
+    return look(skip), look(free), look(pure)
 
 
 _tile_cache: dict = {}
@@ -364,7 +372,7 @@ def mask_tiles_cached(mask, kind: str, bq: int, bk: int):
     models pass one mask object to every layer, and the backward gets the forward's. A weak
     reference proves the object is the same one; an in-place change bumps ``_version``."""
     if mask is None:
-        return None, None
+        return None, None, None
     key = (bq, bk, kind == "softmax" and mask.dtype != torch.bool)
     ent = _tile_cache.get(id(mask))
     if ent is None or ent[0]() is not mask or ent[1] != mask._version:
