@@ -623,8 +623,11 @@ def _softmax_forward(prob: _Problem, want_out: bool = True):
                 s5.add_(a)
             m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
             m_safe = m_new.nan_to_num(neginf=0.0)  # a row with nothing visible yet: keep it finite
-            s.sub_(m_safe).exp_()
-            corr = (m_i - m_safe).exp_()
+            # exp(x) as 2^(log2(e) x): torch's exp2 is ~6x faster than its exp on this CPU and,
+            # unlike exp, keeps that speed for -inf / very negative inputs (masked entries),
+            # where exp takes a slow path (~7x slower again).
+            s.sub_(m_safe).mul_(_LOG2E).exp2_()
+            corr = (m_i - m_safe).mul_(_LOG2E).exp2_()
             l_i.mul_(corr).add_(s.sum(-1, keepdim=True))
             if want_out:
                 acc.mul_(corr)
@@ -683,7 +686,7 @@ def _softmax_backward(prob: _Problem, grad_out, out, need_mask_grad):
             s5 = prob.view5(s, n)
             for a in adds:
                 s5.add_(a)
-            P = s.sub_(row_max[:, rs]).sub_(log_sum[:, rs]).exp_()
+            P = s.sub_(row_max[:, rs]).sub_(log_sum[:, rs]).mul_(_LOG2E).exp2_()
             dp = dpbuf[:size].view(BH, n * G, m)
             torch.bmm(dot, vt.transpose(1, 2), out=dp)
             if p.dropout_p > 0:
