@@ -15,6 +15,7 @@ re-tune), head dims, kind flags and, added by the autotuner itself, the tensors'
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -73,6 +74,10 @@ def dkdv_configs():
     return _configs(_DKDV_HOPPER, _DKDV_GENERIC)
 
 
+# ATTNSWAP_AUTOTUNE=0: take the first tile that survives pruning instead of benchmarking them all
+# (bench/gpu_check.sh runs the test suite on a GPU that way: one compile per specialization).
+ENV_AUTOTUNE = "ATTNSWAP_AUTOTUNE"
+
 # ((major, minor), shared memory per block) that the pruners use instead of asking the GPU:
 # set by compile_check.compile_only, which compiles for a device that is not there.
 DEVICE_OVERRIDE = None
@@ -121,6 +126,8 @@ def _make_pruner(hopper, generic, smem_of):
             # 256-wide heads: 128x128 fp32 score tiles plus 128x256 accumulators spill badly.
             small = [c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
             fits = small or fits
+        if os.environ.get(ENV_AUTOTUNE, "1") == "0":
+            fits = fits[:1]  # the list's first (preferred) tile: one compile, no benchmarking
         return fits
 
     return prune
