@@ -42,7 +42,8 @@ _DQ_HOPPER = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 _DQ_GENERIC = [(64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)]
 
 # dK/dV: BLOCK_N keys resident, loop over BLOCK_M query rows. (64,128,8,3) spills 296 B when it
-# also writes the float-mask gradient (DMASK), 20 B with FAST_SIG's inline asm: dropped there.
+# also writes the float-mask gradient (DMASK), 20 B with FAST_SIG's inline asm, 44 B with
+# ATOMIC_DQ: dropped there.
 _DKDV_HOPPER = [(64, 128, 8, 3), (32, 128, 8, 3)]
 _DKDV_GENERIC = [(64, 64, 4, 2), (32, 128, 4, 2), (32, 64, 4, 2)]
 
@@ -118,8 +119,10 @@ def _make_pruner(hopper, generic, smem_of):
         if not fits:
             # nothing fits the estimate: keep the smallest tile and let the compiler decide.
             fits = [min(cands, key=lambda c: smem_of(*_tile(c), bd, bdv, elsize, mask_el))]
-        if (args.get("DMASK") or args.get("FAST_SIG")) and "DMASK" in args and cap[0] == 9:
-            # dK/dV writing the mask gradient, or with tanh.approx inline asm: 64x128 spills
+        if ((args.get("DMASK") or args.get("FAST_SIG") or args.get("ATOMIC_DQ"))
+                and "DMASK" in args and cap[0] == 9):
+            # dK/dV writing the mask gradient, with tanh.approx inline asm, or also computing
+            # dQ (atomic backward): 64x128 spills (296, 20, 44 B at head dim 128)
             small = [c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 128]
             fits = small or fits
         if bd > 128 or bdv > 128:
@@ -150,7 +153,7 @@ prune_dq = _make_pruner(_DQ_HOPPER, _DQ_GENERIC, _smem_dq)
 prune_dkdv = _make_pruner(_DKDV_HOPPER, _DKDV_GENERIC, _smem_dkdv)
 
 AUTOTUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "KIND", "ACT", "CAUSAL",
-                "MASK_ADD", "MASK_VIS", "DROPOUT", "VISIBLE", "GROUPS", "STATS", "DMASK"]
+                "MASK_ADD", "MASK_VIS", "DROPOUT", "VISIBLE", "GROUPS", "STATS", "DMASK", "ATOMIC_DQ"]
 
 
 def length_bucket(n: int) -> int:

@@ -31,6 +31,9 @@ B*Hq = 16, T = 4096), which torch then sums over the mask's broadcast dims.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -244,13 +247,13 @@ def _attn_bwd_dq(
 @triton.jit
 def _dkdv_block(
     dk, dv, k, v, offs_n, start_m,
-    Q, DO, Mask, DMask, Stats, Linv, q_base, do_base, m_base, row_base,
+    Q, DO, Mask, DMask, Stats, Linv, DQacc, q_base, do_base, m_base, row_base,
     sqm, sqd, sdom, sdod, smm, smn,
     Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr, drop_scale,
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_ADD: tl.constexpr, MASK_VIS: tl.constexpr, MASK_BOOL: tl.constexpr,
     VISIBLE: tl.constexpr, DROPOUT: tl.constexpr, FAST_SIG: tl.constexpr, USE_ASM: tl.constexpr,
-    DMASK: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    DMASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr,
 ):
@@ -342,6 +345,11 @@ def _dkdv_block(
         pt = tl.where(keep, pt * drop_scale, 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+    if ATOMIC_DQ:
+        # the 5th matmul: this key block's share of dQ = dS K, added into an fp32 buffer
+        dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC)  # [M, D]
+        dq_ptrs = DQacc + (row_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM))
     if DMASK:
         dm_ptrs = DMask + row_base * Tk + offs_m[None, :].to(tl.int64) * Tk + offs_n[:, None]
         if BOUNDARY:
@@ -352,10 +360,10 @@ def _dkdv_block(
 
 
 @triton.autotune(configs=dkdv_configs(), key=AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": prune_dkdv})
+                 prune_configs_by={"early_config_prune": prune_dkdv}, reset_to_zero=["DQacc"])
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, Mask, DMask, Stats, Linv,
+    Q, K, V, DO, DK, DV, Mask, DMask, Stats, Linv, DQacc,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -369,7 +377,7 @@ def _attn_bwd_dkdv(
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_ADD: tl.constexpr, MASK_VIS: tl.constexpr, MASK_BOOL: tl.constexpr,
     VISIBLE: tl.constexpr, DROPOUT: tl.constexpr, FAST_SIG: tl.constexpr, USE_ASM: tl.constexpr,
-    DMASK: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    DMASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -416,26 +424,26 @@ def _attn_bwd_dkdv(
         row_base = (b64 * Hq + h64) * Tq
         for start_m in range(lo, full_lo, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, q_base, do_base,
+                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, DQacc, q_base, do_base,
                 m_base, row_base, sqm, sqd, sdom, sdod, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
                 seed_term, drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL,
-                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
+                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, ATOMIC_DQ, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_D, BLOCK_DV, BLOCK_M, True,
             )
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, q_base, do_base,
+                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, DQacc, q_base, do_base,
                 m_base, row_base, sqm, sqd, sdom, sdod, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
                 seed_term, drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL,
-                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
+                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, ATOMIC_DQ, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_D, BLOCK_DV, BLOCK_M, False,
             )
         for start_m in range(full_hi, end, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, q_base, do_base,
+                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, DQacc, q_base, do_base,
                 m_base, row_base, sqm, sqd, sdom, sdod, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
                 seed_term, drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL,
-                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
+                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, ATOMIC_DQ, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_D, BLOCK_DV, BLOCK_M, True,
             )
 
@@ -448,6 +456,20 @@ def _attn_bwd_dkdv(
 
 # ---------------------------------------------------------------------------------------------
 # launcher
+
+
+ENV_DQ = "ATTNSWAP_TRITON_DQ"
+
+
+def dq_mode() -> str:
+    """``ATTNSWAP_TRITON_DQ``: ``"deterministic"`` (default: a dQ kernel and a dK/dV kernel, 7
+    matmuls per tile, bitwise repeatable) or ``"atomic"`` (one dK/dV kernel that also adds each
+    key block's dS K into an fp32 dQ buffer with atomics: 5 matmuls per tile, FlashAttention-2's
+    backward; dQ's summation order then varies run to run)."""
+    mode = os.environ.get(ENV_DQ, "deterministic").strip().lower() or "deterministic"
+    if mode not in ("deterministic", "atomic"):
+        raise ValueError(f"{ENV_DQ}={mode!r}: use 'deterministic' or 'atomic'")
+    return mode
 
 
 def backward(grad_out, q, k, v, attn_mask, out, p, need_mask_grad: bool):
@@ -485,20 +507,32 @@ def backward(grad_out, q, k, v, attn_mask, out, p, need_mask_grad: bool):
     scalars = (Hq, Tq, Tk, Hq // Hkv, float(p.scale), sc.sig_bias, sc.post, sc.alpha, mi.threshold,
                sc.seed_term, sc.drop_thr, sc.drop_scale, length_bucket(Tq), length_bucket(Tk))
 
-    grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), Hq, B)  # noqa: E731
-    launch(
-        _attn_bwd_dq, grid_q,
-        q, k, v, grad_out, dq, mi.tensor, stats, linv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mi.strides,
-        *scalars, **common,
-    )
+    atomic = dq_mode() == "atomic"
+    if atomic and sc.visible:
+        # length="visible" needs each row's count before dS is complete: the dQ kernel makes it
+        warnings.warn("ATTNSWAP_TRITON_DQ=atomic: length='visible' runs the deterministic "
+                      "two-kernel backward instead", RuntimeWarning, stacklevel=2)
+        atomic = False
+    if atomic:
+        dqacc = torch.zeros((B, Hq, Tq, D), dtype=torch.float32, device=dev)
+    else:
+        dqacc = dummy
+        grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), Hq, B)  # noqa: E731
+        launch(
+            _attn_bwd_dq, grid_q,
+            q, k, v, grad_out, dq, mi.tensor, stats, linv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mi.strides,
+            *scalars, **common,
+        )
     grid_k = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), Hkv, B)  # noqa: E731
     launch(
         _attn_bwd_dkdv, grid_k,
         q, k, v, grad_out, dk, dv, mi.tensor, dmask_full if need_mask_grad else dummy, stats, linv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *mi.strides, *scalars, DMASK=need_mask_grad, **common,
+        dqacc, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
+        *dv.stride(), *mi.strides, *scalars, DMASK=need_mask_grad, ATOMIC_DQ=atomic, **common,
     )
+    if atomic:
+        dq.copy_(dqacc.mul_(float(p.scale)))
     dmask = reduce_mask_grad(dmask_full, attn_mask.shape) if need_mask_grad else None
     return dq, dk, dv, dmask
 

@@ -177,6 +177,7 @@ def cases():
         ("relu-visible-fp16-hd128", "relu", torch.float16, 128, True, "float",
          {"activation": "relu2", "length": "visible"}),
         ("softmax-hd128", "softmax", torch.bfloat16, 128, True, None, {}),
+        ("sigmoid-atomic-dq-hd128", "sigmoid", torch.bfloat16, 128, True, None, {"_dq": "atomic"}),
     ]
     return out
 
@@ -195,11 +196,19 @@ def run_case(kind, dtype, D, causal, mask_kind, kw, T=256, analyse_fn=analyse):
     elif mask_kind == "float":
         mask = torch.zeros(1, 1, T, T, dtype=dtype)
     kw = dict(kw)
+    dq_mode = kw.pop("_dq", None)
     length = encode_length(kw.pop("length", None))
     p = AttentionParams(kind=kind, scale=D ** -0.5, is_causal=causal, length=length, **kw)
-    with compile_only() as got:
-        fwd.forward(q, k, v, _mask4d(mask), p)
-        bwd.backward(q, q, k, v, _mask4d(mask), q, p, need_mask_grad=mask_kind == "float")
+    saved = os.environ.get(bwd.ENV_DQ)
+    if dq_mode:
+        os.environ[bwd.ENV_DQ] = dq_mode
+    try:
+        with compile_only() as got:
+            fwd.forward(q, k, v, _mask4d(mask), p)
+            bwd.backward(q, q, k, v, _mask4d(mask), q, p, need_mask_grad=mask_kind == "float")
+    finally:
+        if dq_mode:
+            os.environ.pop(bwd.ENV_DQ) if saved is None else os.environ.__setitem__(bwd.ENV_DQ, saved)
     return [analyse_fn(name, kd, ck) for name, kd, ck in got]
 
 
