@@ -102,3 +102,14 @@ def test_float_mask_with_a_bias_is_not_taken_for_pure_visibility(monkeypatch):
     assert not pure(3, 0) and pure(1, 1) and pure(3, 3)
     _check("sigmoid", mask)
     _check("relu", mask)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "relu"])
+def test_lengths_that_are_not_a_multiple_of_the_tile(monkeypatch, kind):
+    """Tail tiles (T = 71 on 16-wide tiles) are classified over their real extent only."""
+    monkeypatch.setenv(cpu.ENV_BLOCK, "16,32")
+    T, B = 71, 2
+    c = _causal(T, 1, torch.bool) & _padding(B, T, [71, 50], torch.bool)
+    _check(kind, c)
+    _check(kind, torch.zeros(B, 1, T, T).masked_fill(~c, MIN))
+    _check(kind, _padding(B, T, [71, 33], torch.float32))
