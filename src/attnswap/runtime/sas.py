@@ -3,7 +3,6 @@ over the expanded heads, and the PEAA group average back to the model's heads.""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -17,12 +16,12 @@ from ..kernels.op import attention
 BAND_MAX_D = 32
 
 
-@functools.lru_cache(maxsize=None)
-def _tap_index(D: int, k: int, pad: int) -> torch.Tensor:
+def _tap_index(D: int, k: int, pad: int, device) -> torch.Tensor:
     """``[D, D]`` tap of a length-``D`` Conv1d (kernel ``k``, zero padding ``pad``) linking input
     position ``d_in`` to output ``d_out``: ``d_in - d_out + pad``, or ``k`` (a zero tap) outside
-    the kernel."""
-    d = torch.arange(D)
+    the kernel. Built with ``arange`` each call (not cached): inside a compiled graph it must be
+    traced, not a constant tensor from outside (fake-tensor tracing refuses those)."""
+    d = torch.arange(D, device=device)
     tau = d[:, None] - d[None, :] + pad
     return torch.where((tau >= 0) & (tau < k), tau, torch.full_like(tau, k))
 
@@ -34,7 +33,7 @@ def _banded(conv: nn.Conv1d, D: int):
     conv's)."""
     w = conv.weight  # [Cout, Cin, k]
     cout, cin, k = w.shape
-    tau = _tap_index(D, k, conv.padding[0]).to(w.device)
+    tau = _tap_index(D, k, conv.padding[0], w.device)
     big = F.pad(w, (0, 1))[:, :, tau]  # [Cout, Cin, D_in, D_out]
     return big.permute(1, 2, 0, 3).reshape(cin * D, cout * D), conv.bias.repeat_interleave(D)
 

@@ -1,8 +1,8 @@
 """Backward kernels: P is recomputed blockwise from Q, K, V, dO; nothing T x T is stored
 (except the optional float-mask gradient, see below).
 
-Two kernels, no atomics (deterministic, and safe to autotune since no output accumulates across
-launches):
+By default two kernels, no atomics (deterministic, and safe to autotune since no output
+accumulates across launches):
 
 * ``_attn_bwd_dq``: one program per (query block, query head, batch), looping over key blocks like
   the forward: ``dQ = scale * sum_j dS_ij K_j``. For ReLU with ``length="visible"`` it also counts
@@ -12,9 +12,13 @@ launches):
   Grouped heads are summed inside the program, so K/V are never repeated and no two programs
   write the same dK/dV rows.
 
-The split costs one extra recompute of S (and dP) compared with a single kernel that adds dQ with
-atomics, but atomics would make dQ nondeterministic, need a zeroed fp32 buffer and a cast, and
-break autotuning (re-running a config adds into the buffer again).
+The split costs one extra recompute of S (and dP): 7 matmuls per tile. ``ATTNSWAP_TRITON_DQ=atomic``
+selects the single-kernel backward instead (FlashAttention-2's, 5 matmuls per tile): the dK/dV
+kernel also computes each key block's ``dS K`` and adds it into a zeroed fp32 dQ buffer with
+atomics (the autotuner re-zeroes that buffer between the configs it benchmarks), and dQ is the
+buffer times ``scale``, cast. dQ's summation order then varies from run to run (fp32 rounding
+only). ``length="visible"`` keeps the two kernels (its per-row factor comes from the dQ pass) and
+says so with a warning.
 
 With ``dS = dL/dS`` (S including the additive mask), per kind:
 sigmoid ``dS = P (1 - P) dP``; ReLU ``dS = h'(S) L^-alpha dP``; softmax ``dS = P (dP - D_i)`` with
