@@ -133,7 +133,6 @@ def analyse(name: str, kind, ck, arch: int = 90) -> Compiled:
     from triton.tools.disasm import get_sass
 
     md = ck.metadata
-    consts = {k[0] if isinstance(k, tuple) else k: v for k, v in getattr(ck.src, "constants", {}).items()}
     cfg = dict(num_warps=md.num_warps, num_stages=md.num_stages)
     out = Compiled(kernel=name, config=cfg, kind=kind)
     out.regs, out.spill_stores, out.spill_loads = _ptxas_usage(ck.asm["ptx"], arch)
@@ -142,15 +141,15 @@ def analyse(name: str, kind, ck, arch: int = 90) -> Compiled:
         sass = get_sass(ck.asm["cubin"])
     ops = re.findall(r"\bMUFU\.(\w+)", sass)
     out.mufu = {op: ops.count(op) for op in sorted(set(ops))}
-    bm, bn = _block(ck, consts)
+    bm, bn = _block(ck)
     cfg.update(BLOCK_M=bm, BLOCK_N=bn)
     out.scores_per_thread = bm * bn // (32 * md.num_warps)
     out.mufu_per_score = len(ops) / (LOOP_BODIES[name] * out.scores_per_thread)
     return out
 
 
-def _block(ck, consts):
-    # BLOCK_M / BLOCK_N are constexprs of the compiled specialization
+def _block(ck):
+    """BLOCK_M / BLOCK_N: constexprs of the compiled specialization (keyed by argument index)."""
     names = ck.src.fn.arg_names
     vals = {}
     for key, v in ck.src.constants.items():
