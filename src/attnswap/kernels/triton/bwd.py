@@ -1,8 +1,8 @@
 """Backward kernels: P is recomputed blockwise from Q, K, V, dO; nothing T x T is stored
 (except the optional float-mask gradient, see below).
 
-Two kernels, no atomics (deterministic, and safe to autotune since no output accumulates across
-launches):
+By default two kernels, no atomics (deterministic, and safe to autotune since no output
+accumulates across launches):
 
 * ``_attn_bwd_dq``: one program per (query block, query head, batch), looping over key blocks like
   the forward: ``dQ = scale * sum_j dS_ij K_j``. For ReLU with ``length="visible"`` it also counts
@@ -12,9 +12,13 @@ launches):
   Grouped heads are summed inside the program, so K/V are never repeated and no two programs
   write the same dK/dV rows.
 
-The split costs one extra recompute of S (and dP) compared with a single kernel that adds dQ with
-atomics, but atomics would make dQ nondeterministic, need a zeroed fp32 buffer and a cast, and
-break autotuning (re-running a config adds into the buffer again).
+The split costs one extra recompute of S (and dP): 7 matmuls per tile. ``ATTNSWAP_TRITON_DQ=atomic``
+selects the single-kernel backward instead (FlashAttention-2's, 5 matmuls per tile): the dK/dV
+kernel also computes each key block's ``dS K`` and adds it into a zeroed fp32 dQ buffer with
+atomics (the autotuner re-zeroes that buffer between the configs it benchmarks), and dQ is the
+buffer times ``scale``, cast. dQ's summation order then varies from run to run (fp32 rounding
+only). ``length="visible"`` keeps the two kernels (its per-row factor comes from the dQ pass) and
+says so with a warning.
 
 With ``dS = dL/dS`` (S including the additive mask), per kind:
 sigmoid ``dS = P (1 - P) dP``; ReLU ``dS = h'(S) L^-alpha dP``; softmax ``dS = P (dP - D_i)`` with
@@ -31,10 +35,14 @@ B*Hq = 16, T = 4096), which torch then sums over the mask's broadcast dims.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
+from .compile_check import collecting, launch
 from .autotune import AUTOTUNE_KEY, dkdv_configs, dq_configs, length_bucket, prune_dkdv, prune_dq
 from .common import (
     KIND_SOFTMAX,
@@ -63,7 +71,7 @@ def _dq_block(
     dq, cnt, q, do, mrow, l2row, delta, offs_m, start_n,
     K, V, Mask, k_base, v_base, m_base, drop_base,
     skn, skd, svn, svd, smm, smn,
-    Tq, Tk, scale, sig_bias, mthr, seed_term, drop_thr, drop_scale,
+    Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr, drop_scale,
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_ADD: tl.constexpr, MASK_VIS: tl.constexpr, MASK_BOOL: tl.constexpr,
     VISIBLE: tl.constexpr, DROPOUT: tl.constexpr, FAST_SIG: tl.constexpr, USE_ASM: tl.constexpr,
@@ -130,7 +138,9 @@ def _dq_block(
         if BOUNDARY or MASK_VIS:
             ds = tl.where(vis, ds, 0.0)
     else:
-        ds = activation_grad(s, ACT) * dp  # times L^-alpha, applied per row at the end
+        # h'(S) dP times L^-alpha (Tk^-alpha for length="visible", fixed per row at the end)
+        # BEFORE the cast to K's dtype: h'(S) dP alone overflows fp16 (relu2: 2 S dP).
+        ds = activation_grad(s, ACT) * dp * post
         if BOUNDARY or MASK_VIS:
             ds = tl.where(vis, ds, 0.0)
             if VISIBLE:
@@ -206,26 +216,28 @@ def _attn_bwd_dq(
     for start_n in range(0, n_full, BLOCK_N):
         dq, cnt = _dq_block(
             dq, cnt, q, do, mrow, l2row, delta, offs_m, start_n, K, V, Mask, k_base, v_base, m_base,
-            drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, mthr, seed_term,
+            drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr, seed_term,
             drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT,
             FAST_SIG, USE_ASM, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
         )
     for start_n in range(n_full, hi, BLOCK_N):
         dq, cnt = _dq_block(
             dq, cnt, q, do, mrow, l2row, delta, offs_m, start_n, K, V, Mask, k_base, v_base, m_base,
-            drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, mthr, seed_term,
+            drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr, seed_term,
             drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT,
             FAST_SIG, USE_ASM, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
         )
 
     if KIND == 2:
         if VISIBLE:
-            cntf = cnt.to(tl.float32)
-            linv = tl.where(cnt > 0, tl.exp2(-alpha * tl.log2(tl.maximum(cntf, 1.0))), 0.0)
+            cntf = tl.maximum(cnt.to(tl.float32), 1.0)
+            linv = tl.where(cnt > 0, tl.exp2(-alpha * tl.log2(cntf)), 0.0)
             tl.store(Linv + row_base + offs_m, linv, mask=row_ok)
-            dq = dq * (linv * scale)[:, None]
+            # dS carried Tk^-alpha: multiply by (Tk/cnt)^alpha
+            fix = tl.exp2(alpha * (tl.log2(cntf * 0.0 + Tk) - tl.log2(cntf)))
+            dq = dq * (tl.where(cnt > 0, fix, 0.0) * scale)[:, None]
         else:
-            dq = dq * (post * scale)
+            dq = dq * scale
     else:
         dq = dq * scale
     tl.store(DQ + b64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
@@ -239,13 +251,13 @@ def _attn_bwd_dq(
 @triton.jit
 def _dkdv_block(
     dk, dv, k, v, offs_n, start_m,
-    Q, DO, Mask, DMask, Stats, Linv, q_base, do_base, m_base, row_base,
+    Q, DO, Mask, DMask, Stats, Linv, DQacc, q_base, do_base, m_base, row_base,
     sqm, sqd, sdom, sdod, smm, smn,
     Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr, drop_scale,
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_ADD: tl.constexpr, MASK_VIS: tl.constexpr, MASK_BOOL: tl.constexpr,
     VISIBLE: tl.constexpr, DROPOUT: tl.constexpr, FAST_SIG: tl.constexpr, USE_ASM: tl.constexpr,
-    DMASK: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    DMASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr,
 ):
@@ -337,6 +349,11 @@ def _dkdv_block(
         pt = tl.where(keep, pt * drop_scale, 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+    if ATOMIC_DQ:
+        # the 5th matmul: this key block's share of dQ = dS K, added into an fp32 buffer
+        dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC)  # [M, D]
+        dq_ptrs = DQacc + (row_base + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM))
     if DMASK:
         dm_ptrs = DMask + row_base * Tk + offs_m[None, :].to(tl.int64) * Tk + offs_n[:, None]
         if BOUNDARY:
@@ -347,10 +364,10 @@ def _dkdv_block(
 
 
 @triton.autotune(configs=dkdv_configs(), key=AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": prune_dkdv})
+                 prune_configs_by={"early_config_prune": prune_dkdv}, reset_to_zero=["DQacc"])
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, Mask, DMask, Stats, Linv,
+    Q, K, V, DO, DK, DV, Mask, DMask, Stats, Linv, DQacc,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -364,7 +381,7 @@ def _attn_bwd_dkdv(
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_ADD: tl.constexpr, MASK_VIS: tl.constexpr, MASK_BOOL: tl.constexpr,
     VISIBLE: tl.constexpr, DROPOUT: tl.constexpr, FAST_SIG: tl.constexpr, USE_ASM: tl.constexpr,
-    DMASK: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    DMASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -411,26 +428,26 @@ def _attn_bwd_dkdv(
         row_base = (b64 * Hq + h64) * Tq
         for start_m in range(lo, full_lo, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, q_base, do_base,
+                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, DQacc, q_base, do_base,
                 m_base, row_base, sqm, sqd, sdom, sdod, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
                 seed_term, drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL,
-                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
+                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, ATOMIC_DQ, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_D, BLOCK_DV, BLOCK_M, True,
             )
         for start_m in range(full_lo, full_hi, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, q_base, do_base,
+                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, DQacc, q_base, do_base,
                 m_base, row_base, sqm, sqd, sdom, sdod, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
                 seed_term, drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL,
-                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
+                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, ATOMIC_DQ, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_D, BLOCK_DV, BLOCK_M, False,
             )
         for start_m in range(full_hi, end, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, q_base, do_base,
+                dk, dv, k, v, offs_n, start_m, Q, DO, Mask, DMask, Stats, Linv, DQacc, q_base, do_base,
                 m_base, row_base, sqm, sqd, sdom, sdod, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
                 seed_term, drop_thr, drop_scale, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL,
-                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
+                VISIBLE, DROPOUT, FAST_SIG, USE_ASM, DMASK, ATOMIC_DQ, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V,
                 BLOCK_D, BLOCK_DV, BLOCK_M, True,
             )
 
@@ -443,6 +460,20 @@ def _attn_bwd_dkdv(
 
 # ---------------------------------------------------------------------------------------------
 # launcher
+
+
+ENV_DQ = "ATTNSWAP_TRITON_DQ"
+
+
+def dq_mode() -> str:
+    """``ATTNSWAP_TRITON_DQ``: ``"deterministic"`` (default: a dQ kernel and a dK/dV kernel, 7
+    matmuls per tile, bitwise repeatable) or ``"atomic"`` (one dK/dV kernel that also adds each
+    key block's dS K into an fp32 dQ buffer with atomics: 5 matmuls per tile, FlashAttention-2's
+    backward; dQ's summation order then varies run to run)."""
+    mode = os.environ.get(ENV_DQ, "deterministic").strip().lower() or "deterministic"
+    if mode not in ("deterministic", "atomic"):
+        raise ValueError(f"{ENV_DQ}={mode!r}: use 'deterministic' or 'atomic'")
+    return mode
 
 
 def backward(grad_out, q, k, v, attn_mask, out, p, need_mask_grad: bool):
@@ -473,25 +504,39 @@ def backward(grad_out, q, k, v, attn_mask, out, p, need_mask_grad: bool):
     common = dict(
         KIND=sc.kind, ACT=sc.act, CAUSAL=bool(p.is_causal),
         MASK_ADD=mi.add, MASK_VIS=mi.vis, MASK_BOOL=mi.is_bool, VISIBLE=sc.visible,
-        DROPOUT=sc.dropout, FAST_SIG=sc.fast_sigmoid, USE_ASM=TANH_APPROX_ASM and q.is_cuda,
-        F32=compute_in_fp32(), DOT_PREC=dot_precision(q.dtype),
+        DROPOUT=sc.dropout, FAST_SIG=sc.fast_sigmoid, USE_ASM=TANH_APPROX_ASM and (q.is_cuda or collecting()),
+        F32=compute_in_fp32(q.dtype), DOT_PREC=dot_precision(q.dtype),
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv),
     )
     scalars = (Hq, Tq, Tk, Hq // Hkv, float(p.scale), sc.sig_bias, sc.post, sc.alpha, mi.threshold,
                sc.seed_term, sc.drop_thr, sc.drop_scale, length_bucket(Tq), length_bucket(Tk))
 
-    grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), Hq, B)  # noqa: E731
-    _attn_bwd_dq[grid_q](
-        q, k, v, grad_out, dq, mi.tensor, stats, linv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mi.strides,
-        *scalars, **common,
-    )
+    atomic = dq_mode() == "atomic"
+    if atomic and sc.visible:
+        # length="visible" needs each row's count before dS is complete: the dQ kernel makes it
+        warnings.warn("ATTNSWAP_TRITON_DQ=atomic: length='visible' runs the deterministic "
+                      "two-kernel backward instead", RuntimeWarning, stacklevel=2)
+        atomic = False
+    if atomic:
+        dqacc = torch.zeros((B, Hq, Tq, D), dtype=torch.float32, device=dev)
+    else:
+        dqacc = dummy
+        grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), Hq, B)  # noqa: E731
+        launch(
+            _attn_bwd_dq, grid_q,
+            q, k, v, grad_out, dq, mi.tensor, stats, linv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mi.strides,
+            *scalars, **common,
+        )
     grid_k = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), Hkv, B)  # noqa: E731
-    _attn_bwd_dkdv[grid_k](
+    launch(
+        _attn_bwd_dkdv, grid_k,
         q, k, v, grad_out, dk, dv, mi.tensor, dmask_full if need_mask_grad else dummy, stats, linv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *mi.strides, *scalars, DMASK=need_mask_grad, **common,
+        dqacc, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
+        *dv.stride(), *mi.strides, *scalars, DMASK=need_mask_grad, ATOMIC_DQ=atomic, **common,
     )
+    if atomic:
+        dq.copy_(dqacc.mul_(float(p.scale)))
     dmask = reduce_mask_grad(dmask_full, attn_mask.shape) if need_mask_grad else None
     return dq, dk, dv, dmask
 

@@ -53,8 +53,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Device, dtype and head-dim checks with messages that say what to do instead."""
+    from .compile_check import collecting  # (compile_check imports this module)
+
     for t in (q, k, v):
-        if t.device.type != "cuda" and not INTERPRET:
+        if t.device.type != "cuda" and not INTERPRET and not collecting():
             raise RuntimeError(
                 f"attnswap's Triton kernels got a tensor on {t.device} but Triton runs CPU tensors "
                 "only through its interpreter: set TRITON_INTERPRET=1 in the environment *before* "
@@ -80,9 +82,12 @@ def block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def compute_in_fp32() -> bool:
-    """Convert every tile to fp32 right after loading (the interpreter's bf16 is not arithmetic)."""
-    return INTERPRET
+def compute_in_fp32(dtype: torch.dtype) -> bool:
+    """Convert every tile to fp32 right after loading: only bf16 under the interpreter (whose bf16
+    is not arithmetic). fp16 and fp32 tiles stay in their dtype there, as on a GPU, so the
+    interpreter sees what the GPU computes in fp16: P cast to fp16 before ``tl.dot``, with its
+    overflow (fp16 max 65504) and rounding; ``tl.dot`` of fp16 tiles accumulates in fp32 in both."""
+    return INTERPRET and dtype == torch.bfloat16
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -153,7 +158,7 @@ class KernelScalars:
     kind: int
     act: int
     sig_bias: float  # sigmoid's b
-    post: float  # L^-alpha for a fixed L (relu), else 1
+    post: float  # relu: L^-alpha for a fixed L, Tk^-alpha for length="visible"; else 1
     alpha: float
     visible: bool  # relu with L = per-row visible count
     dropout: bool
@@ -172,7 +177,10 @@ def kernel_scalars(p: AttentionParams, Tk: int) -> KernelScalars:
     visible = False
     if kind == KIND_RELU:
         if p.length == LENGTH_VISIBLE:
+            # The kernels scale h(S) by this before any cast (every row's cnt <= Tk, so the
+            # weights carried are at most the true ones) and fix the ratio per row at the end.
             visible = True
+            post = max(float(Tk), 1.0) ** (-p.alpha)
         else:
             n = float(Tk if p.length == LENGTH_KEYS else p.length)
             post = max(n, 1.0) ** (-p.alpha) if n > 0 else 0.0
@@ -196,12 +204,27 @@ def kernel_scalars(p: AttentionParams, Tk: int) -> KernelScalars:
 # device helpers
 
 @triton.jit
+def _rcp_1_2(d):
+    """1 / d for d in [1, 2] on the FMA pipe, without a MUFU op: the linear minimax start
+    24/17 - 8/17 d (relative error <= 1/17), then three Newton steps r += r (1 - d r), each of
+    which squares the error: 1/17 -> 3.5e-3 -> 1.2e-5 -> 1.4e-10, i.e. fp32 rounding (7 FMAs)."""
+    r = 1.411764705882353 - 0.47058823529411764 * d
+    r = r + r * (1.0 - d * r)
+    r = r + r * (1.0 - d * r)
+    r = r + r * (1.0 - d * r)
+    return r
+
+
+@triton.jit
 def sigmoid_accurate(x):
-    """sigma(x) without overflow and with full relative accuracy for x << 0: e^-|x| never overflows,
-    and for x < 0 the result is e^x / (1 + e^x), not 1 - something."""
-    z = tl.exp(-tl.abs(x))
-    num = tl.where(x >= 0, 1.0, z)
-    return num / (1.0 + z)
+    """sigma(x) with ONE MUFU op per element (the ``ex2`` of e^-|x|); the reciprocal of
+    1 + e^-|x| (in [1, 2]) is refined on the FMA pipe (:func:`_rcp_1_2`) instead of ``div.full``
+    (a second MUFU op, ``rcp``). No overflow (e^-|x| <= 1) and full relative accuracy for x << 0:
+    there the result is e^x / (1 + e^x), not 1 - something. Relative error vs fp64: a few fp32
+    ulp plus ``ex2.approx``'s ~2 ulp and the rounding of |x| log2(e) (~|x| * 6e-8)."""
+    z = tl.exp2(tl.abs(x) * -1.4426950408889634)
+    r = _rcp_1_2(1.0 + z)
+    return tl.where(x >= 0, r, z * r)
 
 
 @triton.jit

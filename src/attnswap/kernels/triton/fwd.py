@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compile_check import collecting, launch
 from .autotune import AUTOTUNE_KEY, fwd_configs, length_bucket, prune_fwd
 from .common import (
     KIND_SOFTMAX,
@@ -44,7 +45,7 @@ def _fwd_block(
     acc, m_i, l_i, cnt, q, offs_m, start_n,
     K, V, Mask, k_base, v_base, m_base, drop_base,
     skn, skd, svn, svd, smm, smn,
-    Tq, Tk, scale, sig_bias, mthr, seed_term, drop_thr,
+    Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr,
     KIND: tl.constexpr, ACT: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_ADD: tl.constexpr, MASK_VIS: tl.constexpr, MASK_BOOL: tl.constexpr,
     VISIBLE: tl.constexpr, DROPOUT: tl.constexpr, FAST_SIG: tl.constexpr, USE_ASM: tl.constexpr,
@@ -102,7 +103,9 @@ def _fwd_block(
         if KIND == 1:
             p = sigmoid_kind(s + sig_bias, FAST_SIG, USE_ASM)
         else:
-            p = activation(s, ACT)
+            # L^-alpha (or, for length="visible", Tk^-alpha, corrected per row at the end) BEFORE
+            # P is cast to V's dtype: h(S) alone overflows fp16 (relu2: S > 256), the weight not.
+            p = activation(s, ACT) * post
         if BOUNDARY or MASK_VIS:
             p = tl.where(vis, p, 0.0)
             if VISIBLE:
@@ -182,14 +185,14 @@ def _attn_fwd(
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i, cnt = _fwd_block(
             acc, m_i, l_i, cnt, q, offs_m, start_n, K, V, Mask, k_base, v_base, m_base, drop_base,
-            skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, mthr, seed_term, drop_thr,
+            skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr,
             KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT, FAST_SIG, USE_ASM,
             F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
         )
     for start_n in range(n_full, hi, BLOCK_N):
         acc, m_i, l_i, cnt = _fwd_block(
             acc, m_i, l_i, cnt, q, offs_m, start_n, K, V, Mask, k_base, v_base, m_base, drop_base,
-            skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, mthr, seed_term, drop_thr,
+            skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr,
             KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT, FAST_SIG, USE_ASM,
             F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
         )
@@ -215,11 +218,10 @@ def _attn_fwd(
             acc = acc * tl.where(l_i > 0.0, 1.0 / l_i, 0.0)[:, None]
         elif KIND == 2:
             if VISIBLE:
-                cntf = cnt.to(tl.float32)
-                linv = tl.where(cnt > 0, tl.exp2(-alpha * tl.log2(tl.maximum(cntf, 1.0))), 0.0)
-                acc = acc * linv[:, None]
-            else:
-                acc = acc * post
+                # P carried Tk^-alpha; the row's factor is cnt^-alpha: multiply by (Tk/cnt)^alpha.
+                cntf = tl.maximum(cnt.to(tl.float32), 1.0)
+                fix = tl.exp2(alpha * (tl.log2(cntf * 0.0 + Tk) - tl.log2(cntf)))
+                acc = acc * tl.where(cnt > 0, fix, 0.0)[:, None]
         if DROPOUT:
             acc = acc * drop_scale
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)
@@ -241,7 +243,8 @@ def launch_forward(q, k, v, attn_mask, p, *, out=None, stats=None, grad_out=None
         o = out
         stats = q.new_empty(1, dtype=torch.float32)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), Hq, B)  # noqa: E731
-    _attn_fwd[grid](
+    launch(
+        _attn_fwd, grid,
         q, k, v, o, mi.tensor, stats,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mi.strides,
         Hq, Tq, Tk, Hq // Hkv,
@@ -251,7 +254,7 @@ def launch_forward(q, k, v, attn_mask, p, *, out=None, stats=None, grad_out=None
         KIND=sc.kind, ACT=sc.act, CAUSAL=bool(p.is_causal),
         MASK_ADD=mi.add, MASK_VIS=mi.vis, MASK_BOOL=mi.is_bool,
         VISIBLE=sc.visible, DROPOUT=sc.dropout, FAST_SIG=sc.fast_sigmoid,
-        USE_ASM=TANH_APPROX_ASM and q.is_cuda, STATS=with_stats, F32=compute_in_fp32(),
+        USE_ASM=TANH_APPROX_ASM and (q.is_cuda or collecting()), STATS=with_stats, F32=compute_in_fp32(q.dtype),
         DOT_PREC=dot_precision(q.dtype), HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D),
         BLOCK_DV=block_dim(Dv),
     )
