@@ -483,7 +483,7 @@ def match_softmax(sm: fx.Node) -> Site:
             raise _Reject("a tensor is expanded to the shape of reshaped scores")
     site.heads = _flattened_heads(steps, sshape, shape_of(sm), qs, vs)
     site.q, site.k, site.v, site.k_transposed = q, k, v, k_transposed
-    site.head_axis = _head_axis(q, qs)
+    site.head_axis = _layout_head_axis(q, k, v, qs)
     site.output = pv
     site.dropout_p = dropout_p
     site.out_dtype = dtype_of(pv)
@@ -518,53 +518,84 @@ def _flattened_heads(steps, sshape, smshape, qs, vs):
     return None
 
 
+def _splits_channels(inp, out, head_dim) -> bool:
+    """``out`` = ``inp`` with its channel axis split into ``(..., H, head_dim)`` (also a fused
+    ``(3, H, d)`` of a qkv projection, and the token axis split into windows alongside, as in
+    Hiera): the axis before ``head_dim`` holds the heads."""
+    if not inp or not out or len(out) < 2 or out[-1] != head_dim:
+        return False
+    if not all(isinstance(x, int) for x in out[-2:]) or not isinstance(inp[-1], int):
+        return False
+    tail = 1
+    for j in range(len(out) - 1, -1, -1):
+        if not isinstance(out[j], int):
+            return False
+        tail *= out[j]
+        if tail == inp[-1]:
+            return j <= len(out) - 2
+        if tail > inp[-1]:
+            return False
+    return False
+
+
+def _layout_head_axis(q, k, v, qs):
+    """The head axis of a site of rank 5 or more (None for rank 4, where it is -3, and when it
+    cannot be traced: SAS then says so rather than guess). q, k and v share one layout; q may be
+    pooled (Hiera's strided max over the queries)."""
+    if qs is None or len(qs) < 5:
+        return None
+    for t in (q, k, v):
+        found = _head_axis(t, shape_of(t))
+        if found is not False:
+            return found
+    return None
+
+
 def _head_axis(q, qs):
     """The axis of ``q`` that holds the heads when it is not -3 (5-d windowed sites such as timm
     Nest's ``[B, H, blocks, N, d]``), found where the channels were split into ``(..., H, d)``
-    and followed through the permutes, transposes and unbinds down to ``q``. None when the head
-    axis is -3 (the op's own layout) or cannot be found."""
+    and followed through the permutes, transposes and unbinds down to ``q`` (a negative axis);
+    False when it cannot be found."""
     if qs is None or len(qs) < 5:
-        return None
+        return False
     chain, node = [], q
     for _ in range(16):
         s = spell(node)
         if s is None or not s.args:
-            return None
+            return False
         src = s.args[0]
         if s.op == "view":
             out, inp = shape_of(node), shape_of(src)
-            if (out and inp and len(out) >= 2 and out[-1] == qs[-1] and len(inp) >= 1
-                    and isinstance(inp[-1], int) and isinstance(out[-2], int)
-                    and inp[-1] == out[-2] * out[-1]):
+            if _splits_channels(inp, out, qs[-1]):
                 axis = len(out) - 2
                 break
-            return None
+            return False
         if s.op == "getitem" and not isinstance(example(src), torch.Tensor):
             tgt = getattr(src, "target", None)
             name = tgt if isinstance(tgt, str) else getattr(tgt, "__name__", "")
             dim = (src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)) if name == "unbind" else None
             if name != "unbind" or dim != 0:
-                return None
+                return False
             chain.append(("drop0", None))
             node = src.args[0]
             continue
         if s.op == "getitem":
             idx = s.attrs["index"]
             if not isinstance(idx, int):
-                return None
+                return False
             chain.append(("drop0", None))
         elif s.op in ("permute", "transpose"):
             chain.append((s.op, s.attrs["dims"]))
         elif s.op not in ("identity", "cast"):
-            return None
+            return False
         node = src
     else:
-        return None
+        return False
     rank = len(shape_of(node) or ())
     for op, dims in reversed(chain):
         if op == "drop0":
             if axis == 0:
-                return None
+                return False
             axis, rank = axis - 1, rank - 1
         elif op == "permute":
             dims = [_norm_dim(d, rank) for d in dims]
@@ -572,8 +603,7 @@ def _head_axis(q, qs):
         elif op == "transpose":
             d0, d1 = (_norm_dim(d, rank) for d in dims)
             axis = d1 if axis == d0 else d0 if axis == d1 else axis
-    axis -= rank
-    return None if axis == -3 else axis
+    return axis - rank
 
 
 def match_sdpa(node: fx.Node) -> Site:
@@ -610,6 +640,7 @@ def match_sdpa(node: fx.Node) -> Site:
     ks = shape_of(site.k)
     if qs and ks and len(qs) == 4 and isinstance(qs[1], int) and isinstance(ks[1], int):
         site.gqa_groups = max(1, qs[1] // ks[1])
+    site.head_axis = _layout_head_axis(q, site.k, site.v, qs)
     return site
 
 

@@ -200,7 +200,8 @@ def attention_site(
         if mask is not None:
             mask = mask.expand(scores_shape).reshape(*q.shape[:-1], k.shape[-2])
         scores_shape = (*q.shape[:-1], k.shape[-2])
-    moved = head_axis is not None and q.dim() >= 5 and k.dim() == q.dim() and v.dim() == q.dim()
+    moved = (head_axis is not None and head_axis != -3 and q.dim() >= 5 and k.dim() == q.dim()
+             and v.dim() == q.dim())
     if moved:
         q, k, v = (t.movedim(head_axis, -3) for t in (q, k, v))
         if mask is not None:
