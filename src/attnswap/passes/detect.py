@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .causal import recognize_causal
 from .normalize import (
     constant_value,
     example,
@@ -481,6 +482,7 @@ def match_softmax(sm: fx.Node) -> Site:
     for u in site.shape_users:
         if shape_of(u.args[1]) != shape_of(qk_node):
             raise _Reject("a tensor is expanded to the shape of reshaped scores")
+    recognize_causal(site, sshape)
     site.heads = _flattened_heads(steps, sshape, shape_of(sm), qs, vs)
     site.q, site.k, site.v, site.k_transposed = q, k, v, k_transposed
     site.head_axis = _layout_head_axis(q, k, v, qs)
@@ -641,6 +643,9 @@ def match_sdpa(node: fx.Node) -> Site:
     if qs and ks and len(qs) == 4 and isinstance(qs[1], int) and isinstance(ks[1], int):
         site.gqa_groups = max(1, qs[1] // ks[1])
     site.head_axis = _layout_head_axis(q, site.k, site.v, qs)
+    ks = shape_of(k)
+    if qs is not None and ks is not None and len(qs) == len(ks):
+        recognize_causal(site, (*qs[:-1], ks[-2]))
     return site
 
 
