@@ -88,3 +88,43 @@ def test_in_graph_causal_mask(style, padded, causal, monkeypatch):
     out = converted(*x)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     assert seen == [causal]
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(attn):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      attn_implementation=attn)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _ids(seed, padded):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (2, 9), generator=g)
+    kwargs = {"input_ids": ids}
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0  # left padding
+        kwargs["attention_mask"] = mask
+    return kwargs
+
+
+@pytest.mark.parametrize("attn,padded,causal", [
+    ("sdpa", False, True),  # HF passes is_causal=True itself
+    ("sdpa", True, True),  # bool and_masks(causal, padding) built in the graph: split
+    ("eager", False, True),  # additive finfo.min triangle, the only mask
+    ("eager", True, False),  # one finite mask holding causal and padding: stays a mask
+])
+def test_hf_llama_mask_builder_in_graph(attn, padded, causal):
+    """Whole-model capture sees HF's mask builders; the causal column says what the op got."""
+    model = _llama(attn)
+    converted = attnswap.convert(model, "softmax", _ids(0, padded))
+    sites = converted.attnswap_report.sites
+    assert len(sites) == 2 and all(s.causal is causal for s in sites), str(converted.attnswap_report)
+    x = _ids(1, padded)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(**x).logits, model(**x).logits, atol=ATOL, rtol=RTOL)

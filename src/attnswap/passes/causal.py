@@ -128,6 +128,70 @@ def _is_top_left_causal(vis: torch.Tensor, tq: int, tk: int) -> bool:
     return torch.equal(vis, tri.expand_as(vis))
 
 
+import operator
+
+_AND = {operator.and_, torch.logical_and, torch.bitwise_and, torch.ops.aten.bitwise_and.Tensor,
+        torch.ops.aten.logical_and.default}
+_NOT = {operator.invert, torch.logical_not, torch.bitwise_not, torch.ops.aten.bitwise_not.default,
+        torch.ops.aten.logical_not.default}
+
+
+def _is(node, fns, methods) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in fns)
+        or (node.op == "call_method" and node.target in methods))
+
+
+def _and_terms(node, depth=0) -> list:
+    """The operands of a bool AND (through broadcasts and device moves), e.g. HF's
+    ``and_masks(causal, padding)`` as built by its SDPA mask builder."""
+    if depth > 16:
+        return [node]
+    if _is(node, _AND, ("__and__", "logical_and", "bitwise_and")):
+        return _and_terms(node.args[0], depth + 1) + _and_terms(node.args[1], depth + 1)
+    if _is(node, {torch.ops.aten.expand.default}, ("expand", "to", "contiguous")):
+        if node.target == "to" and any(isinstance(a, torch.dtype) for a in
+                                       list(node.args[1:]) + list(node.kwargs.values())):
+            return [node]
+        return _and_terms(node.args[0], depth + 1)
+    return [node]
+
+
+def _split_causal(site, scores_shape, tq, tk) -> bool:
+    """A hard bool mask that is ``causal & rest`` (constant causal terms ANDed with
+    input-dependent ones): is_causal plus the rest as the mask."""
+    for i, entry in enumerate(site.masks):
+        if entry[0] != "keep" or entry[-1] is not None:
+            continue
+        attend = entry[1]
+        if entry[2]:  # attend where ~tensor
+            if not _is(attend, _NOT, ("__invert__", "logical_not", "bitwise_not")):
+                continue
+            attend = attend.args[0]
+        terms = _and_terms(attend)
+        if len(terms) < 2:
+            continue
+        values = [constant_tensor(t) for t in terms]
+        const = [v for v in values if v is not None]
+        rest = [t for t, v in zip(terms, values) if v is None]
+        if not const or not rest or any(v.dtype != torch.bool for v in const):
+            continue
+        vis = const[0]
+        for v in const[1:]:
+            vis = vis & v
+        if not _is_top_left_causal(vis, tq, tk):
+            continue
+        if any(m[0] == "fill" for m in site.masks[i + 1:]):
+            continue
+        from .normalize import dtype_of
+        if any(dtype_of(t) != torch.bool for t in rest):
+            continue
+        site.masks = site.masks[:i] + [("keep", t, False, None) for t in rest] + site.masks[i + 1:]
+        site.is_causal = True
+        return True
+    return False
+
+
 def recognize_causal(site, scores_shape) -> None:
     """Turn one constant causal mask entry of ``site`` into ``site.is_causal`` (in place)."""
     if site.is_causal or not site.masks or scores_shape is None:
@@ -164,3 +228,4 @@ def recognize_causal(site, scores_shape) -> None:
         site.masks = site.masks[:i] + site.masks[i + 1:]
         site.is_causal = True
         return
+    _split_causal(site, scores_shape, tq, tk)
