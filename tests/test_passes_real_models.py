@@ -219,3 +219,30 @@ def test_mvitv2_slice_assigned_rel_pos_is_reported():
     assert len(report.skipped) == 2, str(report)
     assert all("slice assignment" in s.reason and "modified in place" in s.reason
                for s in report.skipped), str(report)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_nn_transformer_with_consistent_masks(batch_first):
+    """torch.nn.Transformer with float masks throughout and ``tgt_is_causal=True`` (the form
+    whose mask checks do not graph-break inside PyTorch): all three attentions convert."""
+    torch.manual_seed(0)
+    model = torch.nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                                 dim_feedforward=64, dropout=0.0, batch_first=batch_first)
+
+    def inputs(seed):
+        g = _g(seed)
+        S, T, B = 6, 5, 2
+        src = torch.randn(B, S, 32, generator=g)
+        tgt = torch.randn(B, T, 32, generator=g)
+        if not batch_first:
+            src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+        spm = torch.zeros(B, S)
+        spm[1, -2:] = float("-inf")
+        tpm = torch.zeros(B, T)
+        tpm[1, -1:] = float("-inf")
+        return (), dict(src=src, tgt=tgt, tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(T),
+                        src_key_padding_mask=spm, tgt_key_padding_mask=tpm,
+                        memory_key_padding_mask=spm, tgt_is_causal=True)
+
+    converted = assert_identity(model, inputs(0), inputs(1))
+    assert len(converted.attnswap_report.sites) == 3
