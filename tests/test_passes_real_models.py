@@ -246,3 +246,32 @@ def test_nn_transformer_with_consistent_masks(batch_first):
 
     converted = assert_identity(model, inputs(0), inputs(1))
     assert len(converted.attnswap_report.sites) == 3
+
+
+class UntraceableWindows(torch.nn.Module):
+    """A rank-5 site whose heads cannot be traced to a channel split (one projection per head,
+    stacked): SAS must say so rather than guess which axis holds the heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 24) for _ in range(2))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        per_head = torch.stack([h(x) for h in self.heads], dim=1)  # [B, H, T, 3d]
+        q, k, v = (t.reshape(B, 2, 2, T // 2, 8).transpose(1, 2)  # [B, windows, H, T/2, d]
+                   for t in per_head.chunk(3, dim=-1))
+        return (torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v).sum(dim=(1, 2))
+
+
+def test_untraceable_rank5_head_axis_is_reported_for_sas():
+    torch.manual_seed(0)
+    model = UntraceableWindows().eval()
+    x = (torch.randn(2, 6, 16, generator=_g(0)),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = attnswap.convert(model, "sas", x)
+    report = converted.attnswap_report
+    assert any("could not be traced" in s.reason for s in report.skipped), str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(*x), model(*x), atol=ATOL, rtol=RTOL)
