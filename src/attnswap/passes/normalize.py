@@ -369,7 +369,10 @@ def is_mutating(node: fx.Node) -> bool:
     an aten op whose schema mutates): erasing it changes what the program computes even when
     its result has no users."""
     if node.op == "call_method":
-        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.endswith("__")
+        t = node.target if isinstance(node.target, str) else ""
+        if t.startswith("__i") or t == "__setitem__":  # x.__iadd__(y), x.__setitem__(i, y)
+            return True
+        return t.endswith("_") and not t.endswith("__")
     if node.op != "call_function":
         return False
     if node.target in _INPLACE_FNS:
