@@ -364,13 +364,18 @@ _INPLACE_FNS = {operator.iadd, operator.imul, operator.itruediv, operator.isub, 
                 operator.ilshift, operator.irshift, operator.setitem}
 
 
+_INPLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "pow", "mod",
+                                             "and", "or", "xor", "lshift", "rshift", "matmul")}
+_INPLACE_DUNDERS.add("__setitem__")
+
+
 def is_mutating(node: fx.Node) -> bool:
     """An op that writes into one of its operands (``x += 1``, ``x.add_(1)``, ``x[i] = y``,
     an aten op whose schema mutates): erasing it changes what the program computes even when
     its result has no users."""
     if node.op == "call_method":
         t = node.target if isinstance(node.target, str) else ""
-        if t.startswith("__i") or t == "__setitem__":  # x.__iadd__(y), x.__setitem__(i, y)
+        if t in _INPLACE_DUNDERS:  # x.__iadd__(y), x.__setitem__(i, y)
             return True
         return t.endswith("_") and not t.endswith("__")
     if node.op != "call_function":
