@@ -35,7 +35,7 @@ original's (fp32, 1e-5) on a new batch of the example's shape and on one of anot
 recompile with a dynamic length); ``"sigmoid"`` equals a hand-computed ``attention_reference``
 from the blocks' own Linear weights (scale and masks folded *semantically*). Near-misses (softmax
 over another axis, scores against a parameter or keys and values from parameters alone, probabilities used twice, no
-value matmul, tanh soft-capping, a temperature that varies along the keys) give 0 sites, a reason in ``skipped``
+value matmul, tanh soft-capping, a temperature that varies along queries and keys) give 0 sites, a reason in ``skipped``
 and bit-identical outputs; next to a positive block in the same graph they are left exactly as
 they were while the positive one converts.
 
@@ -322,8 +322,8 @@ def _block_init(self, spec: Spec, pnames):
         self.W = nn.Parameter(torch.randn(E, E) / math.sqrt(E))
     if spec.flaw == "param_memory":  # keys/values from parameters alone: a learned memory
         self.mem = nn.Parameter(torch.randn(1, spec.heads, TMAX, spec.head_dim))
-    if spec.flaw == "temperature":  # a learnable temperature that varies along the keys
-        self.temp = nn.Parameter(torch.linspace(0.8, 1.6, TMAX))
+    if spec.flaw == "temperature":  # a learnable temperature varying along queries and keys
+        self.temp = nn.Parameter(torch.linspace(0.8, 1.6, TMAX * TMAX).view(TMAX, TMAX))
 
 
 def _repeat(spec: Spec, t, T):
@@ -515,7 +515,7 @@ def _block_forward(self, x, pad):
         cap = 20.0 if spec.flaw_variant == 0 else 5.0
         s = torch.tanh(s / cap) * cap if spec.flaw_variant == 0 else cap * (s / cap).tanh()
     if spec.flaw == "temperature":
-        s = s * self.temp[:T] if spec.flaw_variant == 0 else s / self.temp[:T]
+        s = s * self.temp[:Tq, :T] if spec.flaw_variant == 0 else s / self.temp[:Tq, :T]
     masks = spec.pad_form != "none" or spec.causal_form != "none"
     kept4 = flat and spec.flat_back in ("post", "v4")
     if kept4:  # flattened scores viewed to [B, H, T, S] and kept there through softmax

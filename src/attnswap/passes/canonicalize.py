@@ -151,6 +151,8 @@ def _layout_kwargs(site: Site) -> dict:
     out = {}
     if site.q_factors:
         out["q_factors"] = [tuple(f) for f in site.q_factors]
+    if site.k_factors:
+        out["k_factors"] = [tuple(f) for f in site.k_factors]
     if site.heads is not None:
         out["heads"] = site.heads
     if site.head_axis is not None:

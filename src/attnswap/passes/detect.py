@@ -56,6 +56,7 @@ class Site:
     # ("fill", node, negate, value, at_shape) (a finite fill such as finfo.min: a replacement).
     masks: list = field(default_factory=list)
     q_factors: list = field(default_factory=list)  # (node, "mul" | "div"): tensor scales on q
+    k_factors: list = field(default_factory=list)  # constant along the queries: scales on k
     heads: int | None = None  # flattened-head sites ([B*H, T, D]) whose scores are viewed [B, H, ..]
     head_axis: int | None = None  # where the head axis sits in q/k/v when not at -3
     broadcast: bool = False  # q/k/v batch shapes differ (a broadcasting matmul)
@@ -369,10 +370,10 @@ def _fold_steps(site: Site, steps, scores_shape):
                               "before masks folds into q")
             if at_shape is not None:
                 raise _Reject("a tensor scale on a reshaped view of the scores")
-            why = _factor_problem(factor, scores_shape)
+            where, why = _factor_target(factor, scores_shape)
             if why:
                 raise _Reject(why)
-            site.q_factors.append((factor, how))
+            (site.q_factors if where == "q" else site.k_factors).append((factor, how))
         elif op == "add":
             site.masks.append(("add", arg, 1.0, at_shape))
         elif op == "bool":
@@ -394,26 +395,30 @@ def _rescaled(mask, f):
     return mask
 
 
-def _factor_problem(factor, scores_shape) -> str | None:
-    """Why a tensor factor on the scores cannot move onto q (None when it can): it must be
-    constant along the key axis and must not broaden the scores."""
+def _factor_target(factor, scores_shape):
+    """``("q" | "k", None)``: where a tensor factor on the scores moves exactly -- onto q when it
+    is constant along the key axis, onto k when it is constant along the query axis -- or
+    ``(None, why)``. It must not broaden the scores."""
     ex = example(factor)
     if not isinstance(ex, torch.Tensor):
         if isinstance(ex, (int, float, torch.SymInt, torch.SymFloat)):
-            return None  # a symbolic number (a dynamic-shape sqrt(d))
-        return "the scores are scaled by something that is neither a tensor nor a number"
+            return "q", None  # a symbolic number (a dynamic-shape sqrt(d))
+        return None, "the scores are scaled by something that is neither a tensor nor a number"
     fs = tuple(ex.shape)
     if scores_shape is None or len(fs) > len(scores_shape):
-        return "a tensor scale of higher rank than the scores"
-    if fs and fs[-1] != 1:
-        return ("the scores are scaled by a tensor that varies along the key axis (shape "
-                f"{fs}); only a factor constant along the keys folds into q")
+        return None, "a tensor scale of higher rank than the scores"
     try:
         if tuple(torch.broadcast_shapes(fs, scores_shape)) != tuple(scores_shape):
-            return f"a tensor scale of shape {fs} broadens the scores {tuple(scores_shape)}"
+            return None, f"a tensor scale of shape {fs} broadens the scores {tuple(scores_shape)}"
     except RuntimeError:
-        return f"a tensor scale of shape {fs} does not broadcast with the scores"
-    return None
+        return None, f"a tensor scale of shape {fs} does not broadcast with the scores"
+    if not fs or fs[-1] == 1:
+        return "q", None
+    if len(fs) == 1 or fs[-2] == 1:
+        return "k", None
+    return None, ("the scores are scaled by a tensor that varies along the key axis and the "
+                  f"query axis (shape {fs}); only a factor constant along one of them folds "
+                  "into q or k")
 
 
 def _shape_args(view_node: fx.Node):
@@ -474,7 +479,18 @@ def match_softmax(sm: fx.Node) -> Site:
             fs = shape_of(f)
             if fs is not None and len(fs) and len(fs) > len(qs):
                 raise _Reject("a tensor scale of higher rank than the query")
-    if not k_transposed and not site.broadcast:
+        for f, _ in site.k_factors:
+            fs = shape_of(f)
+            if fs is not None and len(fs) > len(ks):
+                raise _Reject("a tensor scale of higher rank than the key")
+            as_k = (fs[-1], 1) if fs is not None and len(fs) == 1 else \
+                (fs[:-2] + (fs[-1], fs[-2]) if fs else ())
+            try:
+                if tuple(torch.broadcast_shapes(as_k, ks[:-1] + (1,))) != ks[:-1] + (1,):
+                    site.broadcast = True  # the factor has batch axes k lacks: expand all three
+            except RuntimeError:
+                raise _Reject(f"a tensor scale of shape {fs} does not fit the keys {ks}")
+    if not k_transposed and not site.broadcast and not site.k_factors:
         base_k, base_v = _repeat_kv_base(k, srank), _repeat_kv_base(v, srank)
         if base_k and base_v and base_k[1] == base_v[1]:
             k, v = base_k[0], base_v[0]

@@ -139,6 +139,7 @@ def attention_site(
     float_masks: Sequence[FloatMask] = (),
     bool_masks: Sequence[BoolMask] = (),
     q_factors: Sequence[tuple] = (),
+    k_factors: Sequence[tuple] = (),
     heads: int | None = None,
     head_axis: int | None = None,
     broadcast: bool = False,
@@ -158,7 +159,8 @@ def attention_site(
     ``batch`` (grouped-query attention, folded from ``repeat_kv``). ``q_factors`` are tensor
     scales of the scores constant along the key axis (a learned per-head temperature, cosine
     attention's logit scale, a 0-d tensor ``sqrt(d)``): ``(f·Q)Kᵀ = f·(QKᵀ)``, so they multiply q
-    and the op's ``scale`` stays a float. ``heads``: a flattened-head site (``[B*H, T, D]``)
+    and the op's ``scale`` stays a float; ``k_factors``, constant along the queries, multiply k.
+    ``heads``: a flattened-head site (``[B*H, T, D]``)
     computed as ``[B, H, T, D]``; ``head_axis``: where the heads sit when not at -3.
     """
     masks = list(masks) + _legacy_masks(float_masks, bool_masks)
@@ -167,6 +169,9 @@ def attention_site(
     dtype = q.dtype
     for f, how in q_factors:
         q = q * f if how == "mul" else q / f
+    for f, how in k_factors:  # [..., 1, Tk] (or [Tk]) scales key j: a column of the scores
+        f = f.unsqueeze(-1) if f.dim() <= 1 else f.transpose(-2, -1)
+        k = k * f if how == "mul" else k / f
     if q.dtype != dtype:
         q = q.to(dtype)
     if k.dtype != dtype:
