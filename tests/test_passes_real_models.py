@@ -74,8 +74,9 @@ def _image(seed, size=32, batch=2):
 
 
 def _sas_heads(converted) -> dict:
+    """Heads of each site's SAS query expansion, by the module path that holds it."""
     return {name.rsplit(".attnswap", 1)[0]: m.heads for name, m in converted.named_modules()
-            if name.endswith("attnswap.sas.q_heads")}
+            if ".attnswap" in name and name.endswith("sas.q_heads")}
 
 
 # ------------------------------------------------------------------------------------------------
