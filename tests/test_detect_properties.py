@@ -34,8 +34,8 @@ spelling means; the op runs once per block per call; outputs and all gradients e
 original's (fp32, 1e-5) on a new batch of the example's shape and on one of another length (a
 recompile with a dynamic length); ``"sigmoid"`` equals a hand-computed ``attention_reference``
 from the blocks' own Linear weights (scale and masks folded *semantically*). Near-misses (softmax
-over another axis, scores against a parameter or a learned query, probabilities used twice, no
-value matmul, tanh soft-capping, a learnable temperature) give 0 sites, a reason in ``skipped``
+over another axis, scores against a parameter or keys and values from parameters alone, probabilities used twice, no
+value matmul, tanh soft-capping, a temperature that varies along queries and keys) give 0 sites, a reason in ``skipped``
 and bit-identical outputs; next to a positive block in the same graph they are left exactly as
 they were while the positive one converts.
 
@@ -79,20 +79,20 @@ SPELLINGS: dict = collections.defaultdict(collections.Counter)  # field -> value
 # block specification
 # --------------------------------------------------------------------------------------------
 
-FLAWS = ("softmax_dim", "param_scores", "learned_query", "probs_returned", "probs_added",
+FLAWS = ("softmax_dim", "param_scores", "param_memory", "probs_returned", "probs_added",
          "no_pv_return", "no_pv_sum", "softcap", "temperature")
 
 # The skip reason of each flaw must contain one of these words (the report says *why*).
 FLAW_REASON = {
     "softmax_dim": ("axis", "dim"),
     "param_scores": ("parameter",),
-    "learned_query": ("parameter",),
+    "param_memory": ("parameters alone",),
     "probs_returned": ("consumers",),
     "probs_added": ("consumers",),
     "no_pv_return": ("value matmul",),
     "no_pv_sum": ("value matmul",),
     "softcap": ("soft-capping", "tanh"),
-    "temperature": ("learnable", "temperature"),
+    "temperature": ("key axis",),
 }
 
 
@@ -320,11 +320,10 @@ def _block_init(self, spec: Spec, pnames):
             persistent=False)
     if spec.flaw == "param_scores":
         self.W = nn.Parameter(torch.randn(E, E) / math.sqrt(E))
-    if spec.flaw == "learned_query":
-        self.query = nn.Parameter(torch.randn(1, spec.heads, 3, spec.head_dim))
-    if spec.flaw == "temperature":
-        shape = () if spec.flaw_variant == 0 or spec.layout == "flat" else (1, spec.heads, 1, 1)
-        self.temp = nn.Parameter(torch.full(shape, 1.3))
+    if spec.flaw == "param_memory":  # keys/values from parameters alone: a learned memory
+        self.mem = nn.Parameter(torch.randn(1, spec.heads, TMAX, spec.head_dim))
+    if spec.flaw == "temperature":  # a learnable temperature varying along queries and keys
+        self.temp = nn.Parameter(torch.linspace(0.8, 1.6, TMAX * TMAX).view(TMAX, TMAX))
 
 
 def _repeat(spec: Spec, t, T):
@@ -456,8 +455,9 @@ def _block_forward(self, x, pad):
     q = split(pq(x), H)
     k = _repeat(spec, split(pk(x), Hkv), T)
     v = _repeat(spec, split(pv(x), Hkv), T)
-    if spec.flaw == "learned_query":
-        q = self.query.expand(Bx, -1, -1, -1)
+    if spec.flaw == "param_memory":
+        k = F.normalize(self.mem[:, :, :T], dim=-1).expand(Bx, -1, -1, -1)
+        v = k * 0.5
     Tq = q.shape[-2]
     flat = spec.layout == "flat"
     v4 = v
@@ -515,10 +515,8 @@ def _block_forward(self, x, pad):
         cap = 20.0 if spec.flaw_variant == 0 else 5.0
         s = torch.tanh(s / cap) * cap if spec.flaw_variant == 0 else cap * (s / cap).tanh()
     if spec.flaw == "temperature":
-        s = s * self.temp if spec.flaw_variant == 0 else s / self.temp
+        s = s * self.temp[:Tq, :T] if spec.flaw_variant == 0 else s / self.temp[:Tq, :T]
     masks = spec.pad_form != "none" or spec.causal_form != "none"
-    if spec.flaw == "learned_query":
-        masks = spec.pad_form != "none"  # a learned query has no causal structure
     kept4 = flat and spec.flat_back in ("post", "v4")
     if kept4:  # flattened scores viewed to [B, H, T, S] and kept there through softmax
         s = s.view(Bx, H, Tq, T)
@@ -526,7 +524,7 @@ def _block_forward(self, x, pad):
         s4 = s.view(Bx, H, Tq, T) if flat and not kept4 else s
         order = [_causal_mask, _pad_mask] if spec.causal_first else [_pad_mask, _causal_mask]
         for fn in order:
-            if fn is _causal_mask and spec.flaw != "learned_query":
+            if fn is _causal_mask:
                 s4 = _causal_mask(self, s4, T)
             elif fn is _pad_mask and not (base_has_mask and spec.pad_form in ADDITIVE):
                 s4 = _pad_mask(self, s4, pad)

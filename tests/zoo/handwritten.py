@@ -451,6 +451,101 @@ class SdpaGqaAttention(nn.Module):
         return self.o_proj(_merge_heads(out))
 
 
+class XCAttention(nn.Module):
+    """timm XCiT cross-covariance attention: q, k, v as ``(B, H, C/H, N)``; ``F.normalize`` over
+    tokens; ``(q @ kᵀ) * self.temperature`` with a learnable ``(H, 1, 1)`` temperature (constant
+    along the keys: it folds into q); softmax over channels; ``@ v``."""
+    ATTENTION_SITES = 1
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.rand(H, 1, 1) + 0.5)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+        self.attn_drop = nn.Dropout(P_DROP)
+
+    def forward(self, x, **_):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).permute(0, 3, 1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class CosineAttention(nn.Module):
+    """Swin-v2 / swinv2_cr cosine attention: ``normalize(q) @ normalize(k)ᵀ`` times
+    ``clamp(logit_scale, max=log(100)).exp()`` (a learnable per-head ``(H, 1, 1)`` factor), then
+    a relative-position bias; bool padding mask."""
+    ATTENTION_SITES = 1
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(H, 1, 1) + 1))
+        self.bias = nn.Parameter(torch.randn(H, 1, 1) * 0.1)
+        self.proj = nn.Linear(D, D)
+        self.attn_drop = nn.Dropout(P_DROP)
+
+    def forward(self, x, attention_mask=None, **_):
+        q, k, v = (_split_heads(t, H) for t in self.qkv(x).chunk(3, dim=-1))
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        attn = attn + self.bias
+        if attention_mask is not None:
+            attn = attn.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return self.proj(_merge_heads(attn @ v))
+
+
+class FilledRowsAttention(nn.Module):
+    """DeBERTa-v2 / MPT spelling: the mask is outer(query_keep, key_keep), applied as
+    ``masked_fill(~keep, finfo.min)`` -- so a padded *query* row sees no key and the original
+    gives it uniform weights (the mean of V). The scale is a 0-d tensor buffer."""
+    ATTENTION_SITES = 1
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+        self.drop = nn.Dropout(P_DROP)
+        self.register_buffer("scale", torch.tensor(float(HD) ** 0.5), persistent=False)
+
+    def forward(self, x, attention_mask=None, **_):
+        q, k, v = (_split_heads(t, H) for t in self.qkv(x).chunk(3, dim=-1))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.scale
+        if attention_mask is not None:
+            m = attention_mask.bool()
+            keep = m[:, None, :, None] & m[:, None, None, :]
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        probs = self.drop(F.softmax(scores, dim=-1))
+        return self.proj(_merge_heads(torch.matmul(probs, v)))
+
+
+class LearnedQueryAttention(nn.Module):
+    """Perceiver / attention-pooling cross-attention: queries are learned latents ``(H, L, d)``
+    (parameters alone, broadcast over the batch), keys and values come from the input; written
+    as matmul / softmax / matmul. The output is pooled back onto the tokens."""
+    ATTENTION_SITES = 1
+    LATENTS = 3
+
+    def __init__(self):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(H, self.LATENTS, HD))
+        self.kv = nn.Linear(D, 2 * D)
+        self.proj = nn.Linear(D, D)
+        self.drop = nn.Dropout(P_DROP)
+
+    def forward(self, x, **_):
+        k, v = (_split_heads(t, H) for t in self.kv(x).chunk(2, dim=-1))
+        attn = (self.latents * HD ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, T)
+        pooled = _merge_heads(self.drop(attn.softmax(dim=-1)) @ v)  # (B, L, D)
+        return self.proj(pooled).mean(dim=1, keepdim=True).expand_as(x)
+
+
 # --------------------------------------------------------------------------------------------
 # models around the blocks
 # --------------------------------------------------------------------------------------------
@@ -671,4 +766,12 @@ def cases() -> list[ZooCase]:
               _x_inputs(mask=True), {"split_scale", "where", "padding"}),
         _case("sdpa_gqa_causal", lambda: Stack(lambda i: SdpaGqaAttention()), _x_inputs(),
               {"sdpa", "gqa", "causal"}),
+        _case("xcit_temperature", lambda: Stack(lambda i: XCAttention()), _x_inputs(),
+              {"tensor_scale", "learned_temperature"}),
+        _case("cosine_logit_scale", lambda: Stack(lambda i: CosineAttention(), "raw"),
+              _x_inputs(mask=True), {"tensor_scale", "learned_temperature", "padding"}),
+        _case("filled_query_rows", lambda: Stack(lambda i: FilledRowsAttention(), "raw"),
+              _x_inputs(mask=True), {"tensor_scale", "finite_fill", "padding"}),
+        _case("learned_queries", lambda: Stack(lambda i: LearnedQueryAttention()), _x_inputs(),
+              {"learned_query", "broadcast"}),
     ]

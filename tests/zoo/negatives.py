@@ -158,30 +158,6 @@ class SoftcapAttention(nn.Module):
         return self.proj(_merge_heads(torch.matmul(w, v)))
 
 
-class XCAttention(nn.Module):
-    """timm XCiT cross-covariance attention: q, k, v as ``(B, H, C/H, N)``; ``F.normalize`` over
-    tokens; ``(q @ kᵀ) * self.temperature`` with ``temperature = nn.Parameter(torch.ones(H, 1,
-    1))``; softmax over channels; ``@ v``."""
-    ATTENTION_SITES = 0
-
-    def __init__(self):
-        super().__init__()
-        self.temperature = nn.Parameter(torch.ones(H, 1, 1))
-        self.qkv = nn.Linear(D, 3 * D)
-        self.proj = nn.Linear(D, D)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 4, 1)
-        q, k, v = qkv.unbind(0)
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
-        attn = (q @ k.transpose(-2, -1)) * self.temperature
-        attn = attn.softmax(dim=-1)
-        x = (attn @ v).permute(0, 3, 1, 2).reshape(B, N, C)
-        return self.proj(x)
-
-
 def _x_inputs(default_seq=8, mask=False):
     def inputs(batch: int = 2, seq: int | None = None, seed: int = 0):
         T = seq or default_seq
@@ -217,7 +193,4 @@ def cases() -> list[ZooCase]:
         _neg("softcap", SoftcapAttention,
              "Gemma2-style logit soft-capping (tanh) between QKᵀ and softmax: not a scale, bias or "
              "mask", tags={"softcap", "causal"}),
-        _neg("xcit_temperature", XCAttention,
-             "XCiT: the scale is a learnable tensor temperature (per-head parameter), and the "
-             "attention is over channels of L2-normalised q/k", tags={"tensor_scale"}),
     ]

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .detect import Rejection, Site, find_sites
-from .normalize import is_assertion, shape_of, spell
+from .normalize import is_assertion, is_mutating, shape_of, spell
 from ..runtime.site_call import attention_site, expand_to_scores, mha_site
 
 
@@ -124,9 +124,7 @@ def _emit(gm: fx.GraphModule, site: Site) -> fx.Node:
         new_u.meta.update(u.meta)
         u.replace_all_uses_with(new_u)
         g.erase_node(u)
-        swap = lambda x: new_u if x is u else x  # noqa: E731
-        site.bool_masks = [(swap(m), n, a) for m, n, a in site.bool_masks]
-        site.float_masks = [(swap(m), c, a) for m, c, a in site.float_masks]
+        site.masks = [(m[0], new_u if m[1] is u else m[1], *m[2:]) for m in site.masks]
     with g.inserting_before(site.output):
         if site.pattern == "nn.MultiheadAttention":
             a = site.mha_call
@@ -150,8 +148,8 @@ def _emit(gm: fx.GraphModule, site: Site) -> fx.Node:
                 attention_site,
                 args=(site.q, site.k, site.v),
                 kwargs=dict(
-                    float_masks=[tuple(m) for m in site.float_masks],
-                    bool_masks=[tuple(m) for m in site.bool_masks],
+                    masks=[tuple(m) for m in site.masks],
+                    **_layout_kwargs(site),
                     kind="softmax", scale=float(site.scale), is_causal=site.is_causal,
                     dropout_p=float(site.dropout_p), k_transposed=site.k_transposed,
                     out_dtype=site.out_dtype, options={},
@@ -164,15 +162,38 @@ def _emit(gm: fx.GraphModule, site: Site) -> fx.Node:
     return new
 
 
+def _layout_kwargs(site: Site) -> dict:
+    """Only what a site needs, so the common site call reads as before."""
+    out = {}
+    if site.q_factors:
+        out["q_factors"] = [tuple(f) for f in site.q_factors]
+    if site.k_factors:
+        out["k_factors"] = [tuple(f) for f in site.k_factors]
+    if site.heads is not None:
+        out["heads"] = site.heads
+    if site.head_axis is not None:
+        out["head_axis"] = site.head_axis
+    if site.broadcast:
+        out["broadcast"] = True
+    return out
+
+
 def _erase_dead(gm: fx.GraphModule, site: Site) -> None:
     """Remove the replaced nodes (they may be in-place ops that generic DCE keeps)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     doomed = [n for n in set(site.nodes + [site.output, site.anchor]) if n in order]
     for n in sorted(doomed, key=order.get, reverse=True):
-        for u in [u for u in n.users if is_assertion(u)]:
-            gm.graph.erase_node(u)
-        if not n.users:
+        if n.users and all(is_assertion(u) for u in n.users):
+            for u in list(n.users):
+                gm.graph.erase_node(u)
+        if not n.users and (not is_mutating(n) or _mutates_only(n, doomed)):
             gm.graph.erase_node(n)
+
+
+def _mutates_only(n: fx.Node, doomed) -> bool:
+    """An in-place op of the site (``scores += mask``) writes into a tensor that belongs to the
+    site itself; one that writes anywhere else must stay."""
+    return bool(n.args) and isinstance(n.args[0], fx.Node) and n.args[0] in doomed
 
 
 _PURE = ("view", "transpose", "permute", "mul", "div", "add", "cast", "identity", "expand",
@@ -189,7 +210,7 @@ def _erase_unused_pure(gm: fx.GraphModule) -> None:
         for n in reversed(list(gm.graph.nodes)):
             if n.users or n.op not in ("call_function", "call_method"):
                 continue
-            if isinstance(n.target, str) and n.target.endswith("_"):
+            if is_mutating(n):
                 continue
             s = spell(n)
             if s is not None and s.op in _PURE:

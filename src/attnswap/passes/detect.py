@@ -23,11 +23,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .causal import recognize_causal
 from .normalize import (
     constant_value,
     example,
-    is_learnable,
-    is_parameter,
+    depends_on_input,
+    is_mutating,
     live_users,
     is_very_negative,
     shape_of,
@@ -50,8 +51,15 @@ class Site:
     v: Any = None
     k_transposed: bool = False
     scale: float = 1.0
-    float_masks: list = field(default_factory=list)  # (node, coef, at_shape)
-    bool_masks: list = field(default_factory=list)  # (node, negate, at_shape)
+    # In the order the model applies them (matmul outwards); see runtime/site_call.py:
+    # ("add", node, coef, at_shape), ("keep", node, negate, at_shape) (a -inf fill: masked),
+    # ("fill", node, negate, value, at_shape) (a finite fill such as finfo.min: a replacement).
+    masks: list = field(default_factory=list)
+    q_factors: list = field(default_factory=list)  # (node, "mul" | "div"): tensor scales on q
+    k_factors: list = field(default_factory=list)  # constant along the queries: scales on k
+    heads: int | None = None  # flattened-head sites ([B*H, T, D]) whose scores are viewed [B, H, ..]
+    head_axis: int | None = None  # where the head axis sits in q/k/v when not at -3
+    broadcast: bool = False  # q/k/v batch shapes differ (a broadcasting matmul)
     is_causal: bool = False
     dropout_p: float = 0.0
     gqa_groups: int = 1
@@ -63,9 +71,9 @@ class Site:
     @property
     def mask_kind(self) -> str:
         kinds = []
-        if self.bool_masks:
+        if any(m[0] in ("keep", "fill") for m in self.masks):
             kinds.append("bool")
-        if self.float_masks:
+        if any(m[0] == "add" for m in self.masks):
             kinds.append("float")
         return "+".join(kinds) or "none"
 
@@ -241,8 +249,7 @@ def _match_probabilities(sm: fx.Node, site: Site):
 def _match_scores(sm: fx.Node, site: Site):
     """Walk softmax input → Q @ Kᵀ, collecting scale and masks; return the QK matmul spelling."""
     steps = []  # from softmax inwards
-    cur = spell(sm).args[0]
-    view_shape = None  # shape args of the innermost view seen so far (from softmax inward)
+    prev, cur = sm, spell(sm).args[0]
     for _ in range(32):
         if not isinstance(cur, fx.Node):
             raise _Reject("the scores are not a tensor computed in this graph")
@@ -255,12 +262,18 @@ def _match_scores(sm: fx.Node, site: Site):
                           "activations")
         site.nodes.append(cur)
         users = live_users(cur)
+        if any(u is not prev and is_mutating(u) and u.args and u.args[0] is cur for u in users):
+            raise _Reject(f"the intermediate scores `{cur.name}` are modified in place (slice "
+                          "assignment `scores[..., a:, b:] = ...` or an in-place op, e.g. "
+                          "MViTv2's decomposed relative-position term): a partial in-place "
+                          "update of the scores is not a scale, bias or mask of one op")
         meta_users = [u for u in users if _shape_only_user(u, cur)]
         if len(users) - len(meta_users) != 1:
             raise _Reject(f"intermediate scores `{cur.name}` have {len(users)} consumers")
         # expand_as must be re-sourced from q and k; a type_as is on the probability chain (then
         # it goes with the site) or keeps the scores alive, which is still exact.
         site.shape_users.extend(u for u in meta_users if u.target == "expand_as")
+        prev = cur
         if s.op in _PASS_THROUGH:
             cur = s.args[0]
             continue
@@ -281,10 +294,13 @@ def _match_scores(sm: fx.Node, site: Site):
                 cur = sf[0]
                 continue
             a, b = s.args
-            other = b if _reaches_matmul(a) else a
-            if is_learnable(other):
-                raise _Reject("the scores are scaled by a learnable tensor temperature")
-            raise _Reject("the scores are scaled by a tensor, not a constant")
+            if s.op == "mul" and not _reaches_matmul(a) and _reaches_matmul(b):
+                a, b = b, a
+            if not _reaches_matmul(a) or _reaches_matmul(b):
+                raise _Reject("the scores are divided into a tensor, or multiplied by scores")
+            steps.append(("tensor_scale", cur, (b, s.op)))
+            cur = a
+            continue
         if s.op == "add":
             a, b = s.args
             if _reaches_matmul(a):
@@ -303,17 +319,17 @@ def _match_scores(sm: fx.Node, site: Site):
             if not is_very_negative(val):
                 raise _Reject(f"masked_fill of the scores with {s.attrs['value']!r}, not a very "
                               "negative value")
-            steps.append(("bool", cur, (s.args[1], True)))
+            steps.append(("bool", cur, (s.args[1], True, val)))
             cur = s.args[0]
             continue
         if s.op == "where":
             cond, x, y = s.args
             if is_very_negative(constant_value(y)) and _reaches_matmul(x):
-                steps.append(("bool", cur, (cond, False)))
+                steps.append(("bool", cur, (cond, False, constant_value(y))))
                 cur = x
                 continue
             if is_very_negative(constant_value(x)) and _reaches_matmul(y):
-                steps.append(("bool", cur, (cond, True)))
+                steps.append(("bool", cur, (cond, True, constant_value(x))))
                 cur = y
                 continue
             raise _Reject("torch.where on the scores with a fill that is not very negative")
@@ -332,26 +348,77 @@ def _match_scores(sm: fx.Node, site: Site):
     raise _Reject("score chain too long")
 
 
-def _fold_steps(site: Site, steps):
-    """Fold the steps (matmul outwards) into one scale and the site's masks."""
+def _fold_steps(site: Site, steps, scores_shape):
+    """Fold the steps (matmul outwards) into one scale, tensor factors on q and the site's masks,
+    in the order the model applies them. A mask's masked entries are decided before any later
+    rescaling: the site call keeps each mask's value and its coefficient apart."""
     scale = 1.0
     at_shape = None
     for op, node, arg in reversed(steps):
         if op == "view":
             at_shape = _shape_args(node)
         elif op == "scale":
-            if arg <= 0 and (site.bool_masks or site.float_masks):
+            if arg <= 0 and site.masks:
                 raise _Reject("a non-positive scale after a mask")
             scale *= arg
-            site.float_masks = [(m, c * arg, a) for m, c, a in site.float_masks]
+            site.masks = [_rescaled(m, arg) for m in site.masks]
+        elif op == "tensor_scale":
+            factor, how = arg
+            if site.masks:
+                raise _Reject("the scores are scaled by a tensor after a mask was applied (the "
+                              "factor would rescale the mask); only a tensor scale applied "
+                              "before masks folds into q")
+            if at_shape is not None:
+                raise _Reject("a tensor scale on a reshaped view of the scores")
+            where, why = _factor_target(factor, scores_shape)
+            if why:
+                raise _Reject(why)
+            (site.q_factors if where == "q" else site.k_factors).append((factor, how))
         elif op == "add":
-            site.float_masks.append((arg, 1.0, at_shape))
+            site.masks.append(("add", arg, 1.0, at_shape))
         elif op == "bool":
-            m, negate = arg
+            m, negate, value = arg
             if dtype_of(m) not in (torch.bool, None):
                 raise _Reject("masked_fill/where condition is not a bool tensor")
-            site.bool_masks.append((m, negate, at_shape))
+            if value == float("-inf"):
+                site.masks.append(("keep", m, negate, at_shape))
+            else:
+                site.masks.append(("fill", m, negate, float(value), at_shape))
     return scale
+
+
+def _rescaled(mask, f):
+    if mask[0] == "add":
+        return ("add", mask[1], mask[2] * f, mask[3])
+    if mask[0] == "fill":
+        return ("fill", mask[1], mask[2], mask[3] * f, mask[4])
+    return mask
+
+
+def _factor_target(factor, scores_shape):
+    """``("q" | "k", None)``: where a tensor factor on the scores moves exactly -- onto q when it
+    is constant along the key axis, onto k when it is constant along the query axis -- or
+    ``(None, why)``. It must not broaden the scores."""
+    ex = example(factor)
+    if not isinstance(ex, torch.Tensor):
+        if isinstance(ex, (int, float, torch.SymInt, torch.SymFloat)):
+            return "q", None  # a symbolic number (a dynamic-shape sqrt(d))
+        return None, "the scores are scaled by something that is neither a tensor nor a number"
+    fs = tuple(ex.shape)
+    if scores_shape is None or len(fs) > len(scores_shape):
+        return None, "a tensor scale of higher rank than the scores"
+    try:
+        if tuple(torch.broadcast_shapes(fs, scores_shape)) != tuple(scores_shape):
+            return None, f"a tensor scale of shape {fs} broadens the scores {tuple(scores_shape)}"
+    except RuntimeError:
+        return None, f"a tensor scale of shape {fs} does not broadcast with the scores"
+    if not fs or fs[-1] == 1:
+        return "q", None
+    if len(fs) == 1 or fs[-2] == 1:
+        return "k", None
+    return None, ("the scores are scaled by a tensor that varies along the key axis and the "
+                  f"query axis (shape {fs}); only a factor constant along one of them folds "
+                  "into q or k")
 
 
 def _shape_args(view_node: fx.Node):
@@ -396,14 +463,34 @@ def match_softmax(sm: fx.Node) -> Site:
             k_transposed = False
         else:
             k, k_transposed = kt, True
-    for name, t in (("query", q), ("key", k), ("value", v)):
-        if is_parameter(t):
-            raise _Reject(f"the {name} operand is a parameter, not an activation (a learned "
-                          "query/router is not attention)")
-    site.scale = fq * fk * _fold_steps(site, steps)
+    _require_activations(q, k, v)
+    sshape = shape_of(qk_node)
+    site.scale = fq * fk * _fold_steps(site, steps, sshape)
     if site.scale <= 0 or not math.isfinite(site.scale):
         raise _Reject(f"scale {site.scale} is not positive and finite")
-    if not k_transposed:
+    qs, vs = shape_of(q), shape_of(v)
+    ks = shape_of(k)
+    if ks is not None and k_transposed:
+        ks = ks[:-2] + (ks[-1], ks[-2])
+    if sshape is not None and qs is not None and ks is not None:
+        if qs[:-2] != sshape[:-2] or ks[:-2] != sshape[:-2]:
+            site.broadcast = True  # e.g. learned queries [H, Tq, D] against keys [B, H, Tk, D]
+        for f, _ in site.q_factors:
+            fs = shape_of(f)
+            if fs is not None and len(fs) and len(fs) > len(qs):
+                raise _Reject("a tensor scale of higher rank than the query")
+        for f, _ in site.k_factors:
+            fs = shape_of(f)
+            if fs is not None and len(fs) > len(ks):
+                raise _Reject("a tensor scale of higher rank than the key")
+            as_k = (fs[-1], 1) if fs is not None and len(fs) == 1 else \
+                (fs[:-2] + (fs[-1], fs[-2]) if fs else ())
+            try:
+                if tuple(torch.broadcast_shapes(as_k, ks[:-1] + (1,))) != ks[:-1] + (1,):
+                    site.broadcast = True  # the factor has batch axes k lacks: expand all three
+            except RuntimeError:
+                raise _Reject(f"a tensor scale of shape {fs} does not fit the keys {ks}")
+    if not k_transposed and not site.broadcast and not site.k_factors:
         base_k, base_v = _repeat_kv_base(k, srank), _repeat_kv_base(v, srank)
         if base_k and base_v and base_k[1] == base_v[1]:
             k, v = base_k[0], base_v[0]
@@ -411,11 +498,130 @@ def match_softmax(sm: fx.Node) -> Site:
     for u in site.shape_users:
         if shape_of(u.args[1]) != shape_of(qk_node):
             raise _Reject("a tensor is expanded to the shape of reshaped scores")
+    recognize_causal(site, sshape)
+    site.heads = _flattened_heads(steps, sshape, shape_of(sm), qs, vs)
     site.q, site.k, site.v, site.k_transposed = q, k, v, k_transposed
+    site.head_axis = _layout_head_axis(q, k, v, qs)
     site.output = pv
     site.dropout_p = dropout_p
     site.out_dtype = dtype_of(pv)
     return site
+
+
+def _require_activations(q, k, v):
+    """K and V must be computed from the model's input; Q may come from parameters alone
+    (learned queries: Perceiver latents, attention pooling). Keys from parameters alone are a
+    lookup into learned memory (routers, classifier heads, learned centroids), not attention."""
+    for name, t in (("key", k), ("value", v)):
+        if not depends_on_input(t):
+            raise _Reject(f"the {name} operand is computed from parameters alone, not from the "
+                          "input (a learned memory, router or classifier head is not attention)")
+
+
+def _flattened_heads(steps, sshape, smshape, qs, vs):
+    """Heads H of a site computed on flattened heads ``[B*H, T, D]`` whose scores (or
+    probabilities) are viewed as ``[B, H, Tq, Tk]`` around the softmax (BLOOM, DeBERTa, BART)."""
+    if sshape is None or len(sshape) != 3 or qs is None or len(qs) != 3:
+        return None
+    if vs is not None and len(vs) == 4:
+        return None  # the site call already computes in the value matmul's [B, H, T, D] layout
+    views = [shape_of(n) for op, n, _ in steps if op == "view"] + [smshape]
+    for shp in views:
+        if shp is None or len(shp) != 4 or not isinstance(shp[1], int):
+            continue
+        if tuple(shp[-2:]) == tuple(sshape[-2:]) and shp[1] > 0:
+            b = sshape[0]
+            if not isinstance(b, int) or b % shp[1] == 0:
+                return shp[1]
+    return None
+
+
+def _splits_channels(inp, out, head_dim) -> bool:
+    """``out`` = ``inp`` with its channel axis split into ``(..., H, head_dim)`` (also a fused
+    ``(3, H, d)`` of a qkv projection, and the token axis split into windows alongside, as in
+    Hiera): the axis before ``head_dim`` holds the heads."""
+    if not inp or not out or len(out) < 2 or out[-1] != head_dim:
+        return False
+    if not all(isinstance(x, int) for x in out[-2:]) or not isinstance(inp[-1], int):
+        return False
+    tail = 1
+    for j in range(len(out) - 1, -1, -1):
+        if not isinstance(out[j], int):
+            return False
+        tail *= out[j]
+        if tail == inp[-1]:
+            return j <= len(out) - 2
+        if tail > inp[-1]:
+            return False
+    return False
+
+
+def _layout_head_axis(q, k, v, qs):
+    """The head axis of a site of rank 5 or more (None for rank 4, where it is -3, and when it
+    cannot be traced: SAS then says so rather than guess). q, k and v share one layout; q may be
+    pooled (Hiera's strided max over the queries)."""
+    if qs is None or len(qs) < 5:
+        return None
+    for t in (q, k, v):
+        found = _head_axis(t, shape_of(t))
+        if found is not False:
+            return found
+    return None
+
+
+def _head_axis(q, qs):
+    """The axis of ``q`` that holds the heads when it is not -3 (5-d windowed sites such as timm
+    Nest's ``[B, H, blocks, N, d]``), found where the channels were split into ``(..., H, d)``
+    and followed through the permutes, transposes and unbinds down to ``q`` (a negative axis);
+    False when it cannot be found."""
+    if qs is None or len(qs) < 5:
+        return False
+    chain, node = [], q
+    for _ in range(16):
+        s = spell(node)
+        if s is None or not s.args:
+            return False
+        src = s.args[0]
+        if s.op == "view":
+            out, inp = shape_of(node), shape_of(src)
+            if _splits_channels(inp, out, qs[-1]):
+                axis = len(out) - 2
+                break
+            return False
+        if s.op == "getitem" and not isinstance(example(src), torch.Tensor):
+            tgt = getattr(src, "target", None)
+            name = tgt if isinstance(tgt, str) else getattr(tgt, "__name__", "")
+            dim = (src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)) if name == "unbind" else None
+            if name != "unbind" or dim != 0:
+                return False
+            chain.append(("drop0", None))
+            node = src.args[0]
+            continue
+        if s.op == "getitem":
+            idx = s.attrs["index"]
+            if not isinstance(idx, int):
+                return False
+            chain.append(("drop0", None))
+        elif s.op in ("permute", "transpose"):
+            chain.append((s.op, s.attrs["dims"]))
+        elif s.op not in ("identity", "cast"):
+            return False
+        node = src
+    else:
+        return False
+    rank = len(shape_of(node) or ())
+    for op, dims in reversed(chain):
+        if op == "drop0":
+            if axis == 0:
+                return False
+            axis, rank = axis - 1, rank - 1
+        elif op == "permute":
+            dims = [_norm_dim(d, rank) for d in dims]
+            axis = dims.index(axis)
+        elif op == "transpose":
+            d0, d1 = (_norm_dim(d, rank) for d in dims)
+            axis = d1 if axis == d0 else d0 if axis == d1 else axis
+    return axis - rank
 
 
 def match_sdpa(node: fx.Node) -> Site:
@@ -438,19 +644,24 @@ def match_sdpa(node: fx.Node) -> Site:
         scale = constant_value(scale)
         if scale is None:
             raise _Reject("scaled_dot_product_attention with a non-constant scale")
+    _require_activations(q, k, v)
     site = Site(pattern="scaled_dot_product_attention", anchor=node, output=node, q=q, k=k, v=v,
                 scale=scale, is_causal=is_causal, dropout_p=dropout_p, out_dtype=dtype_of(node))
     if mask is not None:
         if dtype_of(mask) == torch.bool:
-            site.bool_masks.append((mask, False, None))
+            site.masks.append(("keep", mask, False, None))
         else:
-            site.float_masks.append((mask, 1.0, None))
+            site.masks.append(("add", mask, 1.0, None))
     base_k, base_v = _repeat_kv_base(k, 4), _repeat_kv_base(v, 4)
     if base_k and base_v and base_k[1] == base_v[1]:
         site.k, site.v = base_k[0], base_v[0]
     ks = shape_of(site.k)
     if qs and ks and len(qs) == 4 and isinstance(qs[1], int) and isinstance(ks[1], int):
         site.gqa_groups = max(1, qs[1] // ks[1])
+    site.head_axis = _layout_head_axis(q, site.k, site.v, qs)
+    ks = shape_of(k)
+    if qs is not None and ks is not None and len(qs) == len(ks):
+        recognize_causal(site, (*qs[:-1], ks[-2]))
     return site
 
 
@@ -488,9 +699,9 @@ def match_mha(node: fx.Node) -> Site:
                 q=a["query"], k=a["key"], v=a["value"], scale=(E // H) ** -0.5,
                 dropout_p=a["dropout_p"] if a["training"] else 0.0, out_dtype=dtype_of(out_node))
     if a.get("key_padding_mask") is not None:
-        site.float_masks.append((a["key_padding_mask"], 1.0, None))
+        site.masks.append(("add", a["key_padding_mask"], 1.0, None))
     if a.get("attn_mask") is not None:
-        site.float_masks.append((a["attn_mask"], 1.0, None))
+        site.masks.append(("add", a["attn_mask"], 1.0, None))
     site.mha_call = a
     return site
 
@@ -518,6 +729,10 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Rejection]]:
                 continue
         except _Reject as e:
             rejected.append(Rejection(node, str(e)))
+            continue
+        except Exception as e:  # a form the matcher did not foresee: leave it, never crash
+            rejected.append(Rejection(node, f"not matched: the matcher met an unexpected form "
+                                            f"({type(e).__name__}: {e})"))
             continue
         if site.output in claimed:
             rejected.append(Rejection(node, "overlaps another attention site"))

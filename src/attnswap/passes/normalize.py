@@ -315,6 +315,80 @@ def _placeholder_is_param(node: fx.Node) -> bool:
     return False
 
 
+def _placeholder_kind(node: fx.Node) -> str:
+    """``"param"``, ``"buffer"``, ``"size"`` (a symbolic int/float) or ``"input"``."""
+    if _placeholder_is_param(node):
+        return "param"
+    ex = example(node)
+    if ex is not None and not isinstance(ex, torch.Tensor):
+        return "size"
+    ga = node.meta.get("grapharg")
+    src = getattr(getattr(ga, "source", None), "name", "") if ga is not None else ""
+    if "_buffers" in src:
+        return "buffer"
+    return "input"
+
+
+def depends_on_input(node: Any, _memo: dict | None = None) -> bool:
+    """True when ``node``'s value depends on a graph input that is neither a parameter nor a
+    buffer (nor a symbolic size): the data the model was called with.
+
+    This is the rule that separates attention from a lookup into learned memory: keys and values
+    must be computed from the input (``F.normalize(param)``, ``param / param.norm()``, a weight
+    norm are all still parameters), while queries may be parameters (learned latents)."""
+    if not isinstance(node, fx.Node):
+        return False
+    memo = _memo if _memo is not None else node.graph.__dict__.setdefault("_attnswap_dep", {})
+    stack, order = [node], []
+    while stack:  # iterative post-order: graphs can be deeper than Python's recursion limit
+        n = stack.pop()
+        if n in memo:
+            continue
+        if n.op == "placeholder":
+            memo[n] = _placeholder_kind(n) == "input"
+            continue
+        if n.op == "get_attr":
+            memo[n] = False
+            continue
+        pending = [a for a in n.all_input_nodes if a not in memo]
+        if pending:
+            stack.append(n)
+            stack.extend(pending)
+            continue
+        memo[n] = any(memo[a] for a in n.all_input_nodes)
+    return memo[node]
+
+
+_INPLACE_FNS = {operator.iadd, operator.imul, operator.itruediv, operator.isub, operator.ifloordiv,
+                operator.ipow, operator.imod, operator.iand, operator.ior, operator.ixor,
+                operator.ilshift, operator.irshift, operator.setitem}
+
+
+_INPLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "pow", "mod",
+                                             "and", "or", "xor", "lshift", "rshift", "matmul")}
+_INPLACE_DUNDERS.add("__setitem__")
+
+
+def is_mutating(node: fx.Node) -> bool:
+    """An op that writes into one of its operands (``x += 1``, ``x.add_(1)``, ``x[i] = y``,
+    an aten op whose schema mutates): erasing it changes what the program computes even when
+    its result has no users."""
+    if node.op == "call_method":
+        t = node.target if isinstance(node.target, str) else ""
+        if t in _INPLACE_DUNDERS:  # x.__iadd__(y), x.__setitem__(i, y)
+            return True
+        return t.endswith("_") and not t.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_FNS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and getattr(schema, "is_mutable", False):
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
 def is_parameter(node: Any) -> bool:
     """True when ``node`` is (a view, cast or transpose of) a parameter or another constant."""
     seen = 0

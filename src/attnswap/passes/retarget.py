@@ -116,18 +116,43 @@ def _validate(kind: str, o: dict) -> None:
 
 
 def _head_geometry(rec: SiteRecord, node: fx.Node):
-    """(H, Hkv, D, Dv) of a site, or a reason why it has no head axis."""
+    """(H, Hkv, D, Dv) of a site as the op sees it (``[B', H, T, D]``), or a reason why it has no
+    head axis. The site call brings every layout it accepts to that view: flattened heads
+    ``[B*H, T, D]`` by the head count the scores' own ``[B, H, Tq, Tk]`` view gives (BLOOM,
+    DeBERTa, BART) or by the value's 4-d layout; windowed sites ``[B, nW, H, T, D]`` fold the
+    leading axes into the batch; a head axis elsewhere (timm Nest ``[B, H, blocks, N, d]``) is
+    moved to -3 (``head_axis``)."""
     if node.target is mha_site:
         H = node.args[4]
         E = node.args[3]
         return (H, H, E // H, E // H), None
     qs, ks, vs = rec.q_shape, rec.k_shape, rec.v_shape
-    if not qs or len(qs) != 4 or not ks or len(ks) != 4:
+    kw = node.kwargs
+    if not qs or not ks or not vs:
+        return None, "SAS/QK-norm need the site's shapes, which the graph did not record"
+    if len(qs) == 3 and kw.get("heads") is not None:
+        H = kw["heads"]
+        return (H, H, qs[-1], vs[-1]), None
+    if len(qs) == 3 and len(vs) == 4:
+        geom = (vs[1], vs[1], qs[-1], vs[-1])
+    elif len(qs) >= 4 and len(ks) == len(qs) and len(vs) == len(qs):
+        ax = kw.get("head_axis")
+        if ax is None and len(qs) > 4:
+            return None, (f"SAS/QK-norm need the site's head axis; this rank-{len(qs)} site's q, "
+                          "k and v could not be traced back to the projection that splits the "
+                          "channels into heads")
+        ax = -3 if ax is None else ax
+        geom = (qs[ax], ks[ax], qs[-1], vs[-1])
+    elif len(qs) < 4:
         return None, ("SAS/QK-norm need the site's head axis; this site computes attention on "
-                      "flattened (batch*heads) tensors")
-    if not all(isinstance(x, int) for x in (qs[1], ks[1], qs[3], vs[3])):
+                      f"rank-{len(qs)} tensors (flattened batch*heads, or no heads) and no view "
+                      "of its scores gives the heads back")
+    else:
+        return None, (f"SAS/QK-norm need one head axis; q, k and v have ranks {len(qs)}, "
+                      f"{len(ks)}, {len(vs)}")
+    if not all(isinstance(x, int) for x in geom):
         return None, "head counts are symbolic"
-    return (qs[1], ks[1], qs[3], vs[3]), None
+    return geom, None
 
 
 def make_extras(spec: RetargetSpec, geometry, like: torch.nn.Module | None = None) -> AttentionExtras:

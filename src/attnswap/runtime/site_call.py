@@ -20,6 +20,9 @@ from ..kernels.op import attention
 FloatMask = tuple
 # (tensor, negate, shape or None): attend where (~tensor if negate else tensor)
 BoolMask = tuple
+# ("add", t, coef, shape) | ("keep", t, negate, shape) | ("fill", t, negate, value, shape), in the
+# order the model applies them (see fold_masks)
+Mask = tuple
 
 
 def _to_scores(t: torch.Tensor, at_shape, scores_shape) -> torch.Tensor:
@@ -46,26 +49,76 @@ def expand_to_scores(t: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, k_tra
     return t.expand(*q.shape[:-1], tk)
 
 
-def fold_masks(float_masks: Sequence[FloatMask], bool_masks: Sequence[BoolMask], scores_shape):
-    """One mask with the op's semantics (bool True = attend, float = added) or None."""
-    total = None
-    for m, coef, at in float_masks:
-        t = _to_scores(m, at, scores_shape)
-        if coef != 1.0:
-            t = t * coef
-        total = t if total is None else total + t
-    attend = None
-    for m, negate, at in bool_masks:
-        t = _to_scores(m, at, scores_shape)
-        if t.dtype != torch.bool:
-            t = t.bool()
-        t = ~t if negate else t
-        attend = t if attend is None else attend & t
+def _legacy_masks(float_masks, bool_masks) -> list:
+    return ([("add", m, c, a) for m, c, a in float_masks]
+            + [("keep", m, n, a) for m, n, a in bool_masks])
+
+
+def _attend(m, negate, at, scores_shape):
+    t = _to_scores(m, at, scores_shape)
+    if t.dtype != torch.bool:
+        t = t.bool()
+    return ~t if negate else t
+
+
+def _float_masked(t: torch.Tensor) -> torch.Tensor:
+    return torch.isneginf(t) | (t <= 0.5 * torch.finfo(t.dtype).min)
+
+
+def fold_masks(masks: Sequence[Mask], scores_shape, *, kind: str = "softmax", dtype=None):
+    """One mask with the op's semantics (bool True = attend, float = added) and the rows whose
+    scores the masks fully replace, ``(mask or None, replaced_rows or None)``.
+
+    ``masks`` come in the order the model applies them. For softmax the result is exact:
+
+    * ``add``: added, times the scales applied after it;
+    * ``keep`` (a ``-inf`` fill): a hard mask;
+    * ``fill`` (a finite fill, ``masked_fill(~keep, finfo.min)``): the entry *becomes* the value.
+      Added to the scores, a value as large as ``finfo.min`` absorbs them exactly; and a query row
+      whose every key was filled attends uniformly in the original (the mean of V): the caller
+      zeroes q on those rows, so that the scores there are exactly the fill values.
+
+    For sigmoid and ReLU, a masked entry (a fill, a ``-inf``, a float entry at most half the
+    dtype's lowest value) has weight exactly 0, decided on the mask's own values before any
+    later rescaling: a fully masked row gives 0 (there is no normalisation to make it uniform).
+    """
+    has_fill = any(m[0] == "fill" for m in masks)
+    softmax = kind == "softmax"
+    if softmax and has_fill:
+        total, replaced = None, None  # float, and positions whose value no longer depends on S
+        for m in masks:
+            if m[0] == "add":
+                t = _to_scores(m[1], m[3], scores_shape)
+                t = t * m[2] if m[2] != 1.0 else t
+                total = t if total is None else total + t
+                continue
+            hide = ~_attend(m[1], m[2], m[-1], scores_shape)
+            value = float("-inf") if m[0] == "keep" else m[3]
+            if total is None:
+                total = torch.zeros((), dtype=dtype or torch.float32, device=hide.device)
+            total = torch.where(hide, torch.tensor(value, dtype=total.dtype, device=hide.device),
+                                total)
+            replaced = hide if replaced is None else replaced | hide
+        return total, replaced.all(-1, keepdim=True)
+    total, attend = None, None
+    for m in masks:
+        if m[0] == "add":
+            t = _to_scores(m[1], m[3], scores_shape)
+            if not softmax and t.dtype != torch.bool:
+                hidden = _float_masked(t)  # decided before rescaling (a mask added before 1/√d)
+                t = t * m[2] if m[2] != 1.0 else t
+                t = t.masked_fill(hidden, float("-inf"))
+            elif m[2] != 1.0:
+                t = t * m[2]
+            total = t if total is None else total + t
+        else:
+            t = _attend(m[1], m[2], m[-1], scores_shape)
+            attend = t if attend is None else attend & t
     if attend is None:
-        return total
+        return total, None
     if total is None:
-        return attend
-    return total.masked_fill(~attend, float("-inf"))
+        return attend, None
+    return total.masked_fill(~attend, float("-inf")), None
 
 
 def _batch_to_4d(t: torch.Tensor) -> torch.Tensor:
@@ -82,8 +135,14 @@ def attention_site(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    masks: Sequence[Mask] = (),
     float_masks: Sequence[FloatMask] = (),
     bool_masks: Sequence[BoolMask] = (),
+    q_factors: Sequence[tuple] = (),
+    k_factors: Sequence[tuple] = (),
+    heads: int | None = None,
+    head_axis: int | None = None,
+    broadcast: bool = False,
     kind: str = "softmax",
     scale: float,
     is_causal: bool = False,
@@ -97,24 +156,61 @@ def attention_site(
 
     ``q`` is ``[*batch, Tq, D]``; ``k`` is ``[*batch_kv, Tk, D]`` (or its transpose when
     ``k_transposed``); ``v`` is ``[*batch_kv, Tk, Dv]``. ``batch_kv`` may have fewer heads than
-    ``batch`` (grouped-query attention, folded from ``repeat_kv``).
+    ``batch`` (grouped-query attention, folded from ``repeat_kv``). ``q_factors`` are tensor
+    scales of the scores constant along the key axis (a learned per-head temperature, cosine
+    attention's logit scale, a 0-d tensor ``sqrt(d)``): ``(f·Q)Kᵀ = f·(QKᵀ)``, so they multiply q
+    and the op's ``scale`` stays a float; ``k_factors``, constant along the queries, multiply k.
+    ``heads``: a flattened-head site (``[B*H, T, D]``)
+    computed as ``[B, H, T, D]``; ``head_axis``: where the heads sit when not at -3.
     """
+    masks = list(masks) + _legacy_masks(float_masks, bool_masks)
     if k_transposed:
         k = k.transpose(-2, -1)
     dtype = q.dtype
+    for f, how in q_factors:
+        q = q * f if how == "mul" else q / f
+    for f, how in k_factors:  # [..., 1, Tk] (or [Tk]) scales key j: a column of the scores
+        f = f.unsqueeze(-1) if f.dim() <= 1 else f.transpose(-2, -1)
+        k = k * f if how == "mul" else k / f
+    if q.dtype != dtype:
+        q = q.to(dtype)
     if k.dtype != dtype:
         k = k.to(dtype)
     if v.dtype != dtype:
         v = v.to(dtype)
+    if broadcast:
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        q, k, v = (t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
     scores_shape = (*q.shape[:-1], k.shape[-2])
-    mask = fold_masks(float_masks, bool_masks, scores_shape)
-    if v.dim() > q.dim():
+    mask, replaced = fold_masks(masks, scores_shape, kind=kind, dtype=dtype)
+    if replaced is not None:
+        # rows whose scores the model replaced entirely by fill values: with q = 0 there the
+        # op's scores are exactly those values (uniform weights for a constant fill).
+        q = q.masked_fill(replaced, 0.0)
+    if mask is not None and mask.dim() > q.dim():
+        raise ValueError(f"attnswap: a mask of shape {tuple(mask.shape)} for scores "
+                         f"{tuple(scores_shape)}")
+    out_shape = None
+    if heads is not None and q.dim() == 3 and v.dim() == 3:
+        out_shape = (*q.shape[:-1], v.shape[-1])
+        q, k, v = (t.reshape(-1, heads, *t.shape[-2:]) for t in (q, k, v))
+        if mask is not None:
+            mask = mask.expand(scores_shape).reshape(*q.shape[:-1], k.shape[-2])
+        scores_shape = (*q.shape[:-1], k.shape[-2])
+    elif v.dim() > q.dim():
         # Scores on flattened heads (bmm/baddbmm on [B*H, T, D]) viewed back to [B, H, T, S]
         # before the value matmul: compute in the value matmul's layout.
         q = q.reshape(*v.shape[:-2], q.shape[-2], q.shape[-1])
         k = k.reshape(*v.shape[:-2], k.shape[-2], k.shape[-1])
         if mask is not None:
             mask = mask.expand(scores_shape).reshape(*q.shape[:-1], k.shape[-2])
+        scores_shape = (*q.shape[:-1], k.shape[-2])
+    moved = (head_axis is not None and head_axis != -3 and q.dim() >= 5 and k.dim() == q.dim()
+             and v.dim() == q.dim())
+    if moved:
+        q, k, v = (t.movedim(head_axis, -3) for t in (q, k, v))
+        if mask is not None:
+            mask = mask.expand(scores_shape).movedim(head_axis, -3)
         scores_shape = (*q.shape[:-1], k.shape[-2])
     batch_shape = q.shape[:-2]
     q4, k4, v4 = _batch_to_4d(q), _batch_to_4d(k), _batch_to_4d(v)
@@ -128,6 +224,10 @@ def attention_site(
         out4 = attention(q4, k4, v4, mask, kind=kind, scale=scale, is_causal=is_causal,
                          dropout_p=dropout_p, **opts)
     out = out4.reshape(*batch_shape, q.shape[-2], v.shape[-1])
+    if moved:
+        out = out.movedim(-3, head_axis)
+    if out_shape is not None:
+        out = out.reshape(out_shape)
     if out_dtype is not None and out.dtype != out_dtype:
         out = out.to(out_dtype)
     return out
@@ -169,12 +269,12 @@ def mha_site(
     am = _mha_additive(attn_mask, q.dtype)
     if am is not None:
         am = am.view(bsz, num_heads, tgt, src) if am.dim() == 3 else am
-        float_masks.append((am, 1.0, None))
+        float_masks.append(("add", am, 1.0, None))
     kpm = _mha_additive(key_padding_mask, q.dtype)
     if kpm is not None:
-        float_masks.append((kpm.view(bsz, 1, 1, src), 1.0, None))
+        float_masks.append(("add", kpm.view(bsz, 1, 1, src), 1.0, None))
     out = attention_site(
-        q, k, v, float_masks=float_masks, kind=kind, scale=head_dim ** -0.5,
+        q, k, v, masks=float_masks, kind=kind, scale=head_dim ** -0.5,
         dropout_p=dropout_p if training else 0.0, options=options, qkv_transform=qkv_transform,
     )
     out = out.permute(2, 0, 1, 3).reshape(tgt * bsz, embed_dim)

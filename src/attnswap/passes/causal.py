@@ -1,0 +1,231 @@
+"""Causal structure built inside the captured graph becomes ``is_causal`` (DESIGN.md §1.2).
+
+A mask that depends on nothing but constants and buffers (a ``tril`` buffer sliced to the
+lengths, ``arange(T)[:, None] >= arange(T)[None, :]``, ``full((T, T), -inf).triu(1)``) has one
+value for the graph's static shapes: it is evaluated at compile time, and when its visible set
+is exactly the top-left causal triangle it is dropped from the masks and the site gets
+``is_causal=True`` -- which is what lets a kernel skip the fully masked key blocks.
+
+When it is exact:
+
+* the entry hides with ``-inf`` (a bool mask, ``masked_fill``/``where`` with ``-inf``, an additive
+  ``0 / -inf`` mask): hiding is the same whichever other masks there are;
+* a finite ``finfo.min`` spelling only when it is the site's only mask: combined with another
+  finite mask, a row whose causal keys are all masked otherwise gets weights the hard triangle
+  would not give, so it stays a mask.
+
+Masks that depend on an input (HF's mask builders under regional conversion, where the mask is
+an argument of the attention module) are opaque here: they stay masks, and the report's causal
+column says "no" for them. Buffers are taken as the constants models use them for; a converted
+model whose causal buffer is rewritten in place afterwards would not see the change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+from .normalize import _placeholder_kind, example
+
+_MAX_NUMEL = 1 << 22  # evaluate masks up to 4M entries at compile time
+_RANDOM = ("rand", "randn", "randint", "bernoulli", "dropout", "normal", "uniform")
+
+
+def constant_tensor(node) -> torch.Tensor | None:
+    """The value of ``node`` when it is computed from constants and buffers alone (static
+    shapes), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    order, seen, stack = [], set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        order.append(n)
+        stack.extend(n.all_input_nodes)
+    env = {}
+    gm = node.graph.owning_module
+    try:
+        with torch.no_grad():
+            for n in sorted(order, key=_position(node.graph)):
+                ex = example(n)
+                if isinstance(ex, torch.Tensor) and not _small_and_static(ex):
+                    return None
+                if n.op == "placeholder":
+                    if _placeholder_kind(n) != "buffer":
+                        return None
+                    value = getattr(n.meta.get("grapharg"), "example", None)
+                    if not isinstance(value, torch.Tensor) or _is_fake(value):
+                        return None
+                    env[n] = value
+                elif n.op == "get_attr":
+                    value = gm
+                    for part in n.target.split("."):
+                        value = getattr(value, part)
+                    env[n] = value
+                elif n.op in ("call_function", "call_method"):
+                    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+                    if any(r in str(name) for r in _RANDOM) or str(name).endswith("_"):
+                        return None
+                    args = map_arg(n.args, env.__getitem__)
+                    kwargs = map_arg(n.kwargs, env.__getitem__)
+                    if n.op == "call_method":
+                        env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                    else:
+                        env[n] = n.target(*args, **kwargs)
+                else:
+                    return None
+    except Exception:  # anything the evaluation cannot do: the mask stays a mask
+        return None
+    value = env.get(node)
+    if not isinstance(value, torch.Tensor) or _is_fake(value):
+        return None
+    return value
+
+
+def _small_and_static(t: torch.Tensor) -> bool:
+    if not all(isinstance(x, int) for x in t.shape):
+        return False  # symbolic sizes: one value per shape, not one per graph
+    return t.numel() <= _MAX_NUMEL
+
+
+def _position(graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return index.__getitem__
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
+def _visible(entry, value: torch.Tensor):
+    """(bool visibility, hides with -inf) of one mask entry's constant value, or None when the
+    entry is not a pure mask (an additive entry with finite non-zero values is a bias)."""
+    kind = entry[0]
+    if kind in ("keep", "fill"):
+        vis = value.bool()
+        vis = ~vis if entry[2] else vis
+        return vis, kind == "keep"
+    if value.dtype == torch.bool or not value.is_floating_point():
+        return None
+    hidden = value <= 0.5 * torch.finfo(value.dtype).min
+    if not torch.equal(value.masked_fill(hidden, 0.0), torch.zeros_like(value)):
+        return None  # a bias (e.g. relative positions), not only a mask
+    hard = bool(torch.isneginf(value[hidden]).all()) if hidden.any() else True
+    return ~hidden, hard
+
+
+def _is_top_left_causal(vis: torch.Tensor, tq: int, tk: int) -> bool:
+    if vis.dim() < 2:
+        return False
+    if vis.shape[-2] not in (1, tq) or vis.shape[-1] not in (1, tk):
+        return False
+    vis = vis.expand(*vis.shape[:-2], tq, tk)
+    tri = torch.ones(tq, tk, dtype=torch.bool, device=vis.device).tril()
+    return torch.equal(vis, tri.expand_as(vis))
+
+
+import operator
+
+_AND = {operator.and_, torch.logical_and, torch.bitwise_and, torch.ops.aten.bitwise_and.Tensor,
+        torch.ops.aten.logical_and.default}
+_NOT = {operator.invert, torch.logical_not, torch.bitwise_not, torch.ops.aten.bitwise_not.default,
+        torch.ops.aten.logical_not.default}
+
+
+def _is(node, fns, methods) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in fns)
+        or (node.op == "call_method" and node.target in methods))
+
+
+def _and_terms(node, depth=0) -> list:
+    """The operands of a bool AND (through broadcasts and device moves), e.g. HF's
+    ``and_masks(causal, padding)`` as built by its SDPA mask builder."""
+    if depth > 16:
+        return [node]
+    if _is(node, _AND, ("__and__", "logical_and", "bitwise_and")):
+        return _and_terms(node.args[0], depth + 1) + _and_terms(node.args[1], depth + 1)
+    if _is(node, {torch.ops.aten.expand.default}, ("expand", "to", "contiguous")):
+        if node.target == "to" and any(isinstance(a, torch.dtype) for a in
+                                       list(node.args[1:]) + list(node.kwargs.values())):
+            return [node]
+        return _and_terms(node.args[0], depth + 1)
+    return [node]
+
+
+def _split_causal(site, scores_shape, tq, tk) -> bool:
+    """A hard bool mask that is ``causal & rest`` (constant causal terms ANDed with
+    input-dependent ones): is_causal plus the rest as the mask."""
+    for i, entry in enumerate(site.masks):
+        if entry[0] != "keep" or entry[-1] is not None:
+            continue
+        attend = entry[1]
+        if entry[2]:  # attend where ~tensor
+            if not _is(attend, _NOT, ("__invert__", "logical_not", "bitwise_not")):
+                continue
+            attend = attend.args[0]
+        terms = _and_terms(attend)
+        if len(terms) < 2:
+            continue
+        values = [constant_tensor(t) for t in terms]
+        const = [v for v in values if v is not None]
+        rest = [t for t, v in zip(terms, values) if v is None]
+        if not const or not rest or any(v.dtype != torch.bool for v in const):
+            continue
+        vis = const[0]
+        for v in const[1:]:
+            vis = vis & v
+        if not _is_top_left_causal(vis, tq, tk):
+            continue
+        if any(m[0] == "fill" for m in site.masks[i + 1:]):
+            continue
+        from .normalize import dtype_of
+        if any(dtype_of(t) != torch.bool for t in rest):
+            continue
+        site.masks = site.masks[:i] + [("keep", t, False, None) for t in rest] + site.masks[i + 1:]
+        site.is_causal = True
+        return True
+    return False
+
+
+def recognize_causal(site, scores_shape) -> None:
+    """Turn one constant causal mask entry of ``site`` into ``site.is_causal`` (in place)."""
+    if site.is_causal or not site.masks or scores_shape is None:
+        return
+    if not all(isinstance(s, int) for s in scores_shape) or len(scores_shape) < 2:
+        return
+    tq, tk = scores_shape[-2], scores_shape[-1]
+    for i, entry in enumerate(site.masks):
+        value = constant_tensor(entry[1])
+        if value is None:
+            continue
+        at = entry[-1]
+        if at is not None:  # broadcast against a view of the scores: bring it to the scores
+            numel = 1
+            for s in scores_shape:
+                numel *= s
+            if numel > _MAX_NUMEL:
+                continue
+            from ..runtime.site_call import _to_scores
+            try:
+                value = _to_scores(value, at, tuple(scores_shape))
+            except RuntimeError:
+                continue
+        seen = _visible(entry, value)
+        if seen is None:
+            continue
+        vis, hard = seen
+        if not _is_top_left_causal(vis, tq, tk):
+            continue
+        if not hard and len(site.masks) > 1:
+            continue  # a finite causal fill next to another mask: not the hard triangle
+        if any(m[0] == "fill" for m in site.masks[i + 1:]):
+            continue  # a later finite fill would override the hidden entries
+        site.masks = site.masks[:i] + site.masks[i + 1:]
+        site.is_causal = True
+        return
+    _split_causal(site, scores_shape, tq, tk)
