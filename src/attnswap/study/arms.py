@@ -54,11 +54,11 @@ SCALE_HEADS = 4
 
 
 def _scale_arms(task: str) -> tuple:
-    width = "embed_dim" if task == "digits" else "n_embd"
+    width, heads = ("embed_dim", "num_heads") if task == "digits" else ("n_embd", "n_head")
     arms = []
     for d in SCALE_TRAIN_HEAD_DIMS:
         for scaled in (True, False):
-            arch = {width: SCALE_HEADS * d, "attn_scale": "scaled" if scaled else "unscaled"}
+            arch = {width: SCALE_HEADS * d, heads: SCALE_HEADS, "attn_scale": "scaled" if scaled else "unscaled"}
             arms.append(Arm(f"d={d} {'1/sqrt(d)' if scaled else 'no scale'}", "softmax", {}, arch,
                             compare_to=None if scaled else f"d={d} 1/sqrt(d)"))
     return tuple(arms)

@@ -66,14 +66,14 @@ def _init_panels(ax_prob, ax_grad, analysis):
             rows = [r for r in analysis["rows"] if r["source"] == source and r["scaled"] == scaled]
             d = [r["head_dim"] for r in rows]
             label = f"{'1/sqrt(d)' if scaled else 'no scale'}, {source} q,k"
-            for ax, qn in ((ax_prob, "max_prob"), (ax_grad, "grad_q")):
+            for ax, qn in ((ax_prob, "max_prob"), (ax_grad, "softmax_grad")):
                 m = [r[qn]["mean"] for r in rows]
                 sd = [r[qn]["std"] for r in rows]
                 ax.errorbar(d, m, yerr=sd, ls=ls, color=color, marker="o", ms=3, capsize=2, label=label)
     keys = analysis["rows"][0]["keys"]
     ax_prob.axhline(1 / keys, color="gray", lw=0.8, ls=":")
     ax_prob.set_ylabel(f"mean max softmax prob at init ({keys} keys; dotted: uniform)")
-    ax_grad.set_ylabel("mean ‖∂L/∂q‖ at init (through the scores)")
+    ax_grad.set_ylabel("gradient through the softmax at init, ‖J·u‖/‖u‖")
     ax_grad.set_yscale("log")
     for ax in (ax_prob, ax_grad):
         ax.set_xscale("log", base=2)

@@ -24,7 +24,7 @@ from .arms import STUDIES, study_arms
 from .plot import plot_study
 from .scale import HEAD_DIMS, init_analysis
 
-__all__ = ["run_study", "deterministic"]
+__all__ = ["run_study", "write_files", "deterministic"]
 
 METRICS = {"digits": ("test_acc", "test_loss"), "text": ("val_loss", "val_ppl")}
 
@@ -96,6 +96,7 @@ def run_study(task: str = "digits", study: str = "kinds", seeds=(0, 1, 2), steps
         chosen = [a for a in spec.arms if a.name in arms]
         spec = type(spec)(spec.name, spec.claim, spec.source, tuple(chosen))
     steps = steps or 300
+    head_dims = tuple(head_dims or HEAD_DIMS)
     batch_size = batch_size or (64 if task == "digits" else 32)
     base_arch = dict(arch or {})
     builder = training.TASKS[task]
@@ -148,15 +149,21 @@ def run_study(task: str = "digits", study: str = "kinds", seeds=(0, 1, 2), steps
     if analysis is not None:
         result["init_analysis"] = analysis
     if out:
-        os.makedirs(out, exist_ok=True)
-        base = os.path.join(out, f"study_{task}_{study}")
-        result["files"] = [base + ".json", base + ".md", base + ".png"]
-        with open(base + ".json", "w") as f:
-            json.dump(result, f, indent=1)
-        with open(base + ".md", "w") as f:
-            f.write(report_markdown(result) + "\n")
-        plot_study(result, base + ".png")
+        write_files(result, out)
     return result
+
+
+def write_files(result: dict, out: str) -> list[str]:
+    """``out/study_<task>_<study>.{json,md,png}`` from a result (also to re-render a saved JSON)."""
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, f"study_{result['task']}_{result['study']['name']}")
+    result["files"] = [base + ".json", base + ".md", base + ".png"]
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(report_markdown(result) + "\n")
+    plot_study(result, base + ".png")
+    return result["files"]
 
 
 def report_markdown(result: dict) -> str:
@@ -181,11 +188,13 @@ def report_markdown(result: dict) -> str:
 
 
 def init_table(analysis: dict) -> str:
-    header = ["q, k from", "head dim", "scale", "logit std", "mean max prob", "‖∂L/∂logits‖", "‖∂L/∂q‖"]
+    header = ["q, k from", "head dim", "scale", "logit std", "mean max prob", "softmax ‖J·u‖/‖u‖",
+              "‖∂L/∂logits‖", "‖∂L/∂q‖"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in analysis["rows"]:
         cells = [r["source"], str(r["head_dim"]), "1/sqrt(d)" if r["scaled"] else "1"]
-        for qn, fmt in (("logit_std", ".3g"), ("max_prob", ".3f"), ("grad_logits", ".3g"), ("grad_q", ".3g")):
+        for qn, fmt in (("logit_std", ".3g"), ("max_prob", ".3f"), ("softmax_grad", ".3g"), ("grad_logits", ".3g"),
+                        ("grad_q", ".3g")):
             cells.append(f"{r[qn]['mean']:{fmt}} ± {r[qn]['std']:{fmt}}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"{analysis['heads']} heads (width 4·d), first layer, mean ± std over seeds. "

@@ -12,8 +12,10 @@ dim d and with the scale c = 1/√d or c = 1:
 
 For P = softmax(c·q kᵀ) (causal for the text model) and a fixed random upstream gradient G on
 the output O = P v (loss L = Σ O ⊙ G), it reports the mean over query rows of: max_j P (1/n for
-uniform weights, 1 when saturated), the std of the logits c·q·k, ‖∂L/∂logits‖ and ‖∂L/∂q‖ (what
-reaches W_q through the scores). For causal rows only queries that see at least half of the keys
+uniform weights, 1 when saturated), the std of the logits c·q·k, ``softmax_grad`` = ‖J·u‖/‖u‖
+for the softmax's Jacobian J and a random u (how much of a gradient passes through the softmax:
+about 1/n for uniform weights, larger for peaked ones, → 0 when saturated), ‖∂L/∂logits‖ and
+‖∂L/∂q‖ (what reaches W_q through the scores). For causal rows only queries that see at least half of the keys
 are averaged, so that rows with one visible key (trivially max P = 1) do not blur the picture.
 """
 
@@ -28,7 +30,7 @@ from .aggregate import mean_std
 __all__ = ["HEAD_DIMS", "attention_stats", "model_qkv", "init_analysis"]
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
-QUANTITIES = ("max_prob", "logit_std", "grad_logits", "grad_q")
+QUANTITIES = ("max_prob", "logit_std", "softmax_grad", "grad_logits", "grad_q")
 
 
 def attention_stats(q, k, v, scale: float, causal: bool, seed: int) -> dict:
@@ -45,8 +47,15 @@ def attention_stats(q, k, v, scale: float, causal: bool, seed: int) -> dict:
         p = logits.softmax(-1)
         rows = torch.ones(t_q, dtype=torch.bool)
     out = p @ v
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     (out * g).sum().backward()
+    # The softmax's own Jacobian on a random upstream gradient: J·u = P ⊙ (u − Σ P u).
+    u = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    if causal:
+        u = u.masked_fill(~keep, 0.0)
+    ju = p.detach() * (u - (p.detach() * u).sum(-1, keepdim=True))
+    through = (ju.norm(dim=-1) / u.norm(dim=-1))[..., rows]
     visible = logits if not causal else logits.masked_fill(~keep, float("nan"))
     return {
         "max_prob": p.amax(-1)[..., rows].mean().item(),
@@ -54,6 +63,7 @@ def attention_stats(q, k, v, scale: float, causal: bool, seed: int) -> dict:
         .sqrt().item(),
         "grad_logits": logits.grad[..., rows, :].norm(dim=-1).mean().item(),
         "grad_q": q.grad[..., rows, :].norm(dim=-1).mean().item(),
+        "softmax_grad": through.mean().item(),
     }
 
 
@@ -99,16 +109,18 @@ class _Stop(Exception):
 
 def init_analysis(task_name: str, build, seeds, head_dims=HEAD_DIMS, heads: int = 4) -> dict:
     """``build(seed, arch)`` returns the task (see training.TASKS) for that seed and model."""
-    width = "embed_dim" if task_name == "digits" else "n_embd"
-    depth = "depth" if task_name == "digits" else "n_layer"
+    width, depth, n_heads = (("embed_dim", "depth", "num_heads") if task_name == "digits"
+                             else ("n_embd", "n_layer", "n_head"))
     causal = task_name == "text"
     rows = []
     for d in head_dims:
         per_seed = {("model", s): None for s in seeds}
         for s in seeds:
-            task = build(s, {width: heads * d, depth: 1})   # only the first layer is looked at
+            task = build(s, {width: heads * d, n_heads: heads, depth: 1})   # only the first layer is looked at
             per_seed[("model", s)] = model_qkv(task)
             q, _, _ = per_seed[("model", s)]
+            if q.shape[1] != heads or q.shape[-1] != d:
+                raise AssertionError(f"built q of shape {tuple(q.shape)} for {heads} heads of dim {d}")
             gen = torch.Generator().manual_seed(1000 + s)
             per_seed[("unit", s)] = tuple(torch.randn(q.shape, generator=gen) for _ in range(3))
         for source in ("model", "unit"):
