@@ -257,6 +257,9 @@ def train_one(task: Task, kind: str, steps: int, seed: int, batch_size: int, lr:
         warnings.simplefilter("ignore")
         model = convert(copy.deepcopy(task.model), attention=kind, example_inputs=task.example, **options)
     sites = model.attnswap_report.sites
+    from .kernels.op import reset_call_counts, total_calls
+
+    reset_call_counts()
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -298,7 +301,7 @@ def train_one(task: Task, kind: str, steps: int, seed: int, batch_size: int, lr:
             "final_train_loss": sum(tail) / len(tail), "train_loss_mean": sum(losses) / len(losses),
             **{k: v for k, v in evals[-1].items() if k != "step"},
             "options": options, "sites": len(sites), "site_scales": [r.scale for r in sites],
-            "site_kinds": [r.kind for r in sites], "losses": losses, "evals": evals}
+            "site_kinds": [r.kind for r in sites], "op_calls": total_calls(), "losses": losses, "evals": evals}
 
 
 def compare(task="digits", kinds=("softmax", "sigmoid", "relu", "sas"), steps=300, seed=0,

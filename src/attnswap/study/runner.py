@@ -63,6 +63,22 @@ def _matched_hidden(build, seed, arch, target: int) -> tuple[int, int]:
     return h, _param_count(build(seed, {**arch, "mlp_hidden": h}))
 
 
+def _layers(task) -> int:
+    m = task.model
+    return len(m.blocks) if task.name == "digits" else len(m.transformer.h)
+
+
+def _check_converted(run: dict, arm, task) -> None:
+    """Never report an arm whose model did not run the attention it names at every layer."""
+    want = [arm.attention] * _layers(task)
+    if run["site_kinds"] != want:
+        raise RuntimeError(f"arm {arm.name!r} (seed {run['seed']}): converted sites {run['site_kinds']}, "
+                           f"expected {want}; not a valid comparison")
+    if run["op_calls"] < run["steps"] * len(want):   # every training step ran our op at every site
+        raise RuntimeError(f"arm {arm.name!r} (seed {run['seed']}): {run['op_calls']} attnswap op calls in "
+                           f"{run['steps']} steps of {len(want)} site(s); some ran as the original softmax")
+
+
 def _machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -126,10 +142,16 @@ def run_study(task: str = "digits", study: str = "kinds", seeds=(0, 1, 2), steps
                     arm_arch["mlp_hidden"] = hidden
                     matched[arm.name] = {"mlp_hidden": hidden, "params": count, "target_params": target}
                 t = build(seed, arm_arch)
+                # Every run starts from an empty dynamo cache: otherwise dynamo, having seen a
+                # module attribute (GPT-2's ``scaling``) change between conversions, turns it
+                # into a symbolic float and the next conversion finds "a scale that is a tensor".
+                # It also makes a run's numbers independent of the arms that ran before it.
+                torch._dynamo.reset()
                 r = training.train_one(t, arm.attention, steps, seed, batch_size, lr, eval_every,
                                        dict(arm.options), progress, label=arm.name)
                 r.update(arm=arm.name, seed=seed, arch={**base_arch, **arm_arch}, description=t.description,
                          diverged=r["steps"] < steps)
+                _check_converted(r, arm, t)
                 done[arm.name] = r
             runs += [done[a.name] for a in chosen]
     wall = time.perf_counter() - t_start
