@@ -180,6 +180,21 @@ def test_attention_stats_against_sdpa_and_autograd(causal):
                                                 rel=1e-9)
 
 
+def test_cli_study_writes_the_files_and_records_the_command(tmp_path, capsys):
+    from attnswap.cli import main
+
+    argv = ["study", "--task", "digits", "--study", "sigmoid-bias", "--arms", "sigmoid b=0", "--seeds", "0", "1",
+            "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--model-option", "embed_dim=16",
+            "--model-option", "depth=1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "study_digits_sigmoid-bias.json").read_text())
+    assert res["command"].startswith("attnswap study --task digits --study sigmoid-bias --arms 'sigmoid b=0'")
+    assert res["arch"] == {"embed_dim": 16, "depth": 1} and res["threads"] == 1
+    assert [r["options"] for r in res["runs"]] == [{"sigmoid_bias": 0.0}] * 2
+    assert "| sigmoid b=0 |" in capsys.readouterr().out
+    assert (tmp_path / "study_digits_sigmoid-bias.png").exists()
+
+
 def test_cli_rejects_bad_study_input(capsys):
     from attnswap.cli import main
 

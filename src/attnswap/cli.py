@@ -284,7 +284,9 @@ def cmd_study(a):
     from . import training
     from .study import run_study
 
-    command = "attnswap " + " ".join(sys.argv[1:]) if a.command_line is None else a.command_line
+    import shlex
+
+    command = "attnswap " + shlex.join(a.argv)
     try:
         result = run_study(task=a.task, study=a.study, seeds=a.seeds, steps=a.steps, out=a.out,
                            batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every, threads=a.threads,
@@ -378,7 +380,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the task's model for every arm, e.g. embed_dim=32, depth=1")
     s.add_argument("--head-dims", type=int, nargs="+", default=None,
                    help="scale study: head dims of the analysis at init (default 16 32 64 128 256)")
-    s.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_study)
     return p
 
@@ -387,6 +388,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         a = parser.parse_args(argv)
+        a.argv = list(sys.argv[1:] if argv is None else argv)   # recorded with a study's results
         if not getattr(a, "command", None):
             parser.print_help()
             return 2

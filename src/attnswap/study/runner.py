@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from contextlib import contextmanager
 
@@ -20,7 +21,7 @@ import torch
 
 from .. import training
 from .aggregate import markdown_table, summarize
-from .arms import STUDIES, study_arms
+from .arms import SCALE_HEADS, STUDIES, study_arms
 from .plot import plot_study
 from .scale import HEAD_DIMS, init_analysis
 
@@ -158,10 +159,14 @@ def run_study(task: str = "digits", study: str = "kinds", seeds=(0, 1, 2), steps
 
     metric_keys = METRICS[task]
     headline = defaults.metric
+    description = defaults.description
+    if study == "scale":  # the arms' models: 4 heads of dim d, whatever the default width
+        description = re.sub(r"(dim|n_embd) \d+", r"\1 4·d", description)
+        description = re.sub(r"\d+ heads", f"{SCALE_HEADS} heads", description)
     result = {
         "task": task, "study": spec.to_dict(), "seeds": seeds, "steps": steps, "batch_size": batch_size,
         "lr": lr, "eval_every": eval_every, "data_seed": data_seed, "arch": base_arch,
-        "description": defaults.description, "metric": headline, "metric_keys": list(metric_keys),
+        "description": description, "metric": headline, "metric_keys": list(metric_keys),
         "higher_is_better": defaults.higher_is_better, "threads": threads or torch.get_num_threads(),
         "deterministic": True, "machine": _machine(), "wall_s": wall, "command": command,
         "matched_params": matched, "runs": runs,
