@@ -84,7 +84,8 @@ def markdown_table(result: dict) -> str:
     headline = result["metric"]
     fmts = {"test_acc": ".3f", "test_loss": ".3f", "val_loss": ".3f", "val_ppl": ".2f"}
     header = (["arm", "params", "final train loss", "mean train loss"] + [k.replace("_", " ") for k in metric_keys]
-              + [f"Δ {headline.replace('_', ' ')} vs baseline (paired)", "verdict", "ms/step"])
+              + [f"Δ {headline.replace('_', ' ')} vs baseline (paired)", "verdict", "Δ mean train loss (paired)",
+                 "ms/step"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm in result["study"]["arms"]:
         s = result["summary"][arm["name"]]
@@ -94,7 +95,8 @@ def markdown_table(result: dict) -> str:
         d = f"{_pm(delta, '+.3f')} (vs {s['baseline']})" if delta else ("reference" if arm["reference"] else "-")
         row = [arm["name"], p, _pm(s["final_train_loss"], ".3f"), _pm(s["train_loss_mean"], ".3f")]
         row += [_pm(s[k], fmts.get(k, ".3f")) for k in metric_keys]
-        row += [d, s.get("verdict", "-"), _pm(s["ms_per_step"], ".1f")]
+        dl = s.get("delta_train_loss_mean")
+        row += [d, s.get("verdict", "-"), _pm(dl, "+.3f") if dl else "-", _pm(s["ms_per_step"], ".1f")]
         lines.append("| " + " | ".join(row) + " |")
     n = len(result["seeds"])
     lines.append("")
@@ -102,5 +104,6 @@ def markdown_table(result: dict) -> str:
                  f"for every arm within a seed. Verdict: a difference of the {headline.replace('_', ' ')} "
                  f"means larger than the larger std is called better/worse, else \"no measurable "
                  f"difference\". \"mean train loss\" averages the loss over all steps (lower = faster "
-                 f"convergence).")
+                 f"convergence); its paired difference is per seed against the same baseline. ms/step is the "
+                 f"median step time, indicative only on a shared machine.")
     return "\n".join(lines)

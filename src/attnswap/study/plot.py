@@ -98,7 +98,7 @@ def plot_study(result: dict, path: str) -> None:
         _curves(axes[0], axes[1], result)
     n = len(result["seeds"])
     fig.suptitle(f"attnswap study --task {result['task']} --study {result['study']['name']}: mean ± 1 std over "
-                 f"{n} seed(s), {result['steps']} steps — {result['description']}", fontsize=9)
+                 f"{n} seed(s), {result['steps']} steps\n{result['description']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
