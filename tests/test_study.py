@@ -104,7 +104,8 @@ def test_mean_std_and_paired_deltas_match_per_seed_numbers(results, task, study)
         assert s[f"delta_{head}"]["std"] == pytest.approx(sd, abs=1e-12)
         b = res["summary"][base][head]
         gap = abs(s[head]["mean"] - b["mean"])
-        assert (s["verdict"] == "no measurable difference") == (gap <= max(s[head]["std"], b["std"]))
+        within = gap <= max(s[head]["std"], b["std"]) or abs(m) <= sd
+        assert (s["verdict"] == "no measurable difference") == within
 
 
 @pytest.mark.parametrize("task,study", CASES, ids=[f"{t}-{s}" for t, s in CASES])

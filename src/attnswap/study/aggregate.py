@@ -1,8 +1,10 @@
 """Mean and spread over seeds, paired differences against a baseline arm, and the markdown table.
 
 The spread is the sample standard deviation (n − 1 in the denominator) over seeds; with one seed
-it is 0. A difference counts as measurable only when it is larger than the larger of the two
-arms' standard deviations; otherwise the table says "no measurable difference".
+it is 0. A difference counts as measurable only when it clears one std both ways: the gap between
+the two arms' means is larger than the larger of their stds, and the mean of the per-seed (paired)
+differences is larger than those differences' std. Otherwise the table says "no measurable
+difference". With three seeds this is a yardstick against noise, not a significance test.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def summarize(study, runs: list[dict], metric_keys: tuple, headline: str, higher
                 diffs = [seeds[s][key] - by_arm[base][s][key] for s in common]
                 m, sd = mean_std(diffs)
                 entry[f"delta_{key}"] = {"values": [_finite(d) for d in diffs], "mean": m, "std": sd}
-            entry["verdict"] = verdict(entry[headline], _stats(by_arm[base], headline), higher_is_better)
+            entry["verdict"] = verdict(entry[headline], _stats(by_arm[base], headline), higher_is_better,
+                                       entry[f"delta_{headline}"])
         out[arm.name] = entry
     return out
 
@@ -61,12 +64,15 @@ def _stats(seeds: dict, key: str) -> dict:
     return {"mean": m, "std": sd}
 
 
-def verdict(a: dict, b: dict, higher_is_better: bool) -> str:
-    """Plain words for arm ``a`` against baseline ``b`` (each {"mean", "std"})."""
+def verdict(a: dict, b: dict, higher_is_better: bool, paired: dict | None = None) -> str:
+    """Plain words for arm ``a`` against baseline ``b`` (each {"mean", "std"}); ``paired``: the
+    per-seed differences a − b ({"mean", "std"})."""
     if a["mean"] is None or b["mean"] is None:
         return "diverged"
     diff = a["mean"] - b["mean"]
     if abs(diff) <= max(a["std"], b["std"]):
+        return "no measurable difference"
+    if paired is not None and (paired["mean"] is None or abs(paired["mean"]) <= paired["std"]):
         return "no measurable difference"
     better = (diff > 0) == higher_is_better
     return "better" if better else "worse"
@@ -101,9 +107,9 @@ def markdown_table(result: dict) -> str:
     n = len(result["seeds"])
     lines.append("")
     lines.append(f"mean ± sample std over {n} seed(s) {result['seeds']}; same initial weights and batches "
-                 f"for every arm within a seed. Verdict: a difference of the {headline.replace('_', ' ')} "
-                 f"means larger than the larger std is called better/worse, else \"no measurable "
-                 f"difference\". \"mean train loss\" averages the loss over all steps (lower = faster "
+                 f"for every arm within a seed. Verdict on the {headline.replace('_', ' ')}: better/worse only "
+                 f"when the gap between the means exceeds the larger std and the paired difference exceeds "
+                 f"its own std, else \"no measurable difference\". \"mean train loss\" averages the loss over all steps (lower = faster "
                  f"convergence); its paired difference is per seed against the same baseline. ms/step is the "
                  f"median step time, indicative only on a shared machine.")
     return "\n".join(lines)

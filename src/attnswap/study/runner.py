@@ -25,7 +25,7 @@ from .arms import SCALE_HEADS, STUDIES, study_arms
 from .plot import plot_study
 from .scale import HEAD_DIMS, init_analysis
 
-__all__ = ["run_study", "write_files", "deterministic"]
+__all__ = ["run_study", "write_files", "resummarize", "deterministic"]
 
 METRICS = {"digits": ("test_acc", "test_loss"), "text": ("val_loss", "val_ppl")}
 
@@ -177,6 +177,16 @@ def run_study(task: str = "digits", study: str = "kinds", seeds=(0, 1, 2), steps
         result["init_analysis"] = analysis
     if out:
         write_files(result, out)
+    return result
+
+
+def resummarize(result: dict) -> dict:
+    """Recompute a saved result's summary from its per-seed runs (after a change to the rules)."""
+    spec = study_arms(result["task"], result["study"]["name"])
+    names = [a["name"] for a in result["study"]["arms"]]
+    spec = type(spec)(spec.name, spec.claim, spec.source, tuple(a for a in spec.arms if a.name in names))
+    result["summary"] = summarize(spec, result["runs"], tuple(result["metric_keys"]), result["metric"],
+                                  result["higher_is_better"])
     return result
 
 
