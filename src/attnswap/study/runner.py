@@ -80,8 +80,19 @@ def _check_converted(run: dict, arm, task) -> None:
                            f"{run['steps']} steps of {len(want)} site(s); some ran as the original softmax")
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": _cpu_name(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "device": "cpu"}
 
