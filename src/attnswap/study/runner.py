@@ -122,6 +122,10 @@ def run_study(task: str = "digits", study: str = "kinds", seeds=(0, 1, 2), steps
         if unknown:
             raise ValueError(f"unknown arm(s) {unknown} for study {study!r}; arms: {names}")
         chosen = [a for a in spec.arms if a.name in arms]
+        for a in chosen:
+            if a.match_params_of and a.match_params_of not in arms:
+                raise ValueError(f"arm {a.name!r} matches the parameter count of {a.match_params_of!r}: "
+                                 f"select that arm too")
         spec = type(spec)(spec.name, spec.claim, spec.source, tuple(chosen))
     steps = steps or 300
     head_dims = tuple(head_dims or HEAD_DIMS)
