@@ -203,3 +203,31 @@ def test_cli_rejects_bad_study_input(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown arm" in err[0]
     assert main(["study", "--study", "kinds", "--steps", "0"]) == 2
+
+
+@pytest.mark.parametrize("task_name", ["digits", "text"])
+def test_model_qkv_are_the_first_layers_own(task_name):
+    """proj(SDPA(q, k, v)) from the extracted q, k, v equals the first attention module's output."""
+    from attnswap import training
+    from attnswap.study.scale import model_qkv
+
+    if task_name == "text":
+        pytest.importorskip("transformers")
+    width = "embed_dim" if task_name == "digits" else "n_embd"
+    task = training.TASKS[task_name](0, 4, arch={width: 32})
+    q, k, v = model_qkv(task)
+    attn = task.model.blocks[0].attn if task_name == "digits" else task.model.transformer.h[0].attn
+    seen = {}
+
+    def grab(module, args, out):
+        seen["out"] = out[0] if isinstance(out, tuple) else out
+
+    handle = attn.register_forward_hook(grab)
+    ex = task.example
+    with torch.no_grad():
+        task.model(**ex) if isinstance(ex, dict) else task.model(ex)
+        handle.remove()
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=task_name == "text")
+        o = o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        o = attn.proj(o) if task_name == "digits" else attn.c_proj(o)
+    torch.testing.assert_close(o, seen["out"], atol=1e-5, rtol=1e-5)

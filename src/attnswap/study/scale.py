@@ -69,8 +69,6 @@ def attention_stats(q, k, v, scale: float, causal: bool, seed: int) -> dict:
 
 def model_qkv(task) -> tuple:
     """q, k, v ``[B, H, T, d]`` at the first attention layer of ``task.model`` on its example batch."""
-    from ..rewriter.convert import _example_call
-
     model = task.model.eval()
     if task.name == "digits":
         attn = model.blocks[0].attn
@@ -83,10 +81,10 @@ def model_qkv(task) -> tuple:
         raise _Stop
 
     handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
-    args, kwargs = _example_call(model, task.example)
+    ex = task.example   # the tasks' own example inputs: a tensor (digits) or keyword args (text)
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            model(**ex) if isinstance(ex, dict) else model(ex)
     except _Stop:
         pass
     finally:
