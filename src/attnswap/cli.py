@@ -4,6 +4,8 @@
     attnswap convert MODEL --attention sigmoid [--option key=value ...] --out DIR
     attnswap zoo [--json]                        # built-in models: sites, identity error, timings
     attnswap train --task digits|text --attention softmax sigmoid relu sas --steps N [--out DIR]
+    attnswap study --task digits|text --study kinds|sigmoid-bias|relu-alpha|relu-activation|scale|sas
+                   --seeds 0 1 2 [--steps N] [--out DIR]  # the papers' claims, mean ± std over seeds
 
 MODEL is a built-in name (``attnswap zoo --list``; e.g. ``hf:gpt2-tiny``) or ``module.path:factory``
 for your own model: ``factory()`` returns the model or ``(model, example_inputs)``.
@@ -270,6 +272,38 @@ def cmd_train(a):
 
 
 # --------------------------------------------------------------------------------------------
+# study
+# --------------------------------------------------------------------------------------------
+
+def cmd_study(a):
+    if a.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    if a.threads is not None and a.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    arch = _parse_options(a.model_option)
+    from . import training
+    from .study import run_study
+
+    import shlex
+
+    command = "attnswap " + shlex.join(a.argv)
+    try:
+        result = run_study(task=a.task, study=a.study, seeds=a.seeds, steps=a.steps, out=a.out,
+                           batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every, threads=a.threads,
+                           arch=arch or None, arms=a.arms, head_dims=a.head_dims or None,
+                           command=command)
+    except training.MissingDependency as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(" ".join(str(e).split())) from None
+    from .study.aggregate import markdown_table
+
+    print(markdown_table(result))
+    print(f"wall time {result['wall_s']:.1f} s; wrote {', '.join(result['files'])}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # the parser
 # --------------------------------------------------------------------------------------------
 
@@ -322,6 +356,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="an attnswap.convert option for every kind that accepts it")
     s.set_defaults(fn=cmd_train)
+
+    from .study.arms import STUDIES
+
+    s = sub.add_parser("study", help="a paper's claim at small scale: every arm per seed, mean ± std, "
+                       "table and plot with a band over seeds")
+    s.add_argument("--task", choices=("digits", "text"), default="digits")
+    s.add_argument("--study", choices=STUDIES, required=True,
+                   help="kinds: all four kinds; sigmoid-bias: b=-ln n vs b=0 vs +QK-norm; relu-alpha: "
+                        "alpha in 0, 0.5, 1, 1.5; relu-activation: the seven h; scale: 1/sqrt(d) at init "
+                        "and in training; sas: SAS vs softmax at near-equal parameters")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    s.add_argument("--steps", type=int, default=300, help="optimizer steps per arm and seed (default 300)")
+    s.add_argument("--out", default="runs/study", metavar="DIR",
+                   help="where study_<task>_<study>.{json,md,png} go (default runs/study)")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--eval-every", type=int, default=None)
+    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the same numbers "
+                   "on any machine with this CPU type)")
+    s.add_argument("--arms", nargs="+", default=None, metavar="ARM", help="a subset of the study's arms")
+    s.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                   help="override the task's model for every arm, e.g. embed_dim=32, depth=1")
+    s.add_argument("--head-dims", type=int, nargs="+", default=None,
+                   help="scale study: head dims of the analysis at init (default 16 32 64 128 256)")
+    s.set_defaults(fn=cmd_study)
     return p
 
 
@@ -329,6 +388,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         a = parser.parse_args(argv)
+        a.argv = list(sys.argv[1:] if argv is None else argv)   # recorded with a study's results
         if not getattr(a, "command", None):
             parser.print_help()
             return 2

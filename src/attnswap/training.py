@@ -78,7 +78,23 @@ def _need(module: str, extra: str = "cli"):
 # digits
 # --------------------------------------------------------------------------------------------
 
-def digits_task(seed: int, batch_size: int) -> Task:
+def _arch(arch: dict | None, defaults: dict) -> dict:
+    unknown = sorted(set(arch or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown model setting(s) {unknown}; allowed: {sorted(defaults)}")
+    return {**defaults, **(arch or {})}
+
+
+DIGITS_ARCH = {"embed_dim": 48, "depth": 2, "num_heads": 4, "mlp_hidden": None, "attn_scale": "default"}
+
+
+def digits_task(seed: int, batch_size: int, data_seed: int | None = None, arch: dict | None = None) -> Task:
+    """``seed`` draws the initial weights; ``data_seed`` (default: ``seed``) the train/test split.
+
+    ``arch`` overrides the model: ``embed_dim``, ``depth``, ``num_heads``, ``mlp_hidden`` (default
+    2 × embed_dim) and ``attn_scale``: "default" (timm's fused SDPA path), or "scaled" / "unscaled"
+    (timm's own unfused path, which multiplies q by ``Attention.scale``: d^-1/2 or 1).
+    """
     _need("sklearn")
     _need("timm", "zoo")
     from sklearn.datasets import load_digits
@@ -88,16 +104,25 @@ def digits_task(seed: int, batch_size: int) -> Task:
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
-    tr, te = train_test_split(range(len(y)), test_size=0.2, random_state=seed, stratify=data.target)
+    a = _arch(arch, DIGITS_ARCH)
+    data_seed = seed if data_seed is None else data_seed
+    tr, te = train_test_split(range(len(y)), test_size=0.2, random_state=data_seed, stratify=data.target)
     xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
     mean, std = xtr.mean(), xtr.std()
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=48,
-                                  depth=2, num_heads=4, mlp_ratio=2.0, global_pool="avg",
-                                  class_token=False)
+        hidden = a["mlp_hidden"] or 2 * a["embed_dim"]
+        model = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10,
+                                  embed_dim=a["embed_dim"], depth=a["depth"], num_heads=a["num_heads"],
+                                  mlp_ratio=hidden / a["embed_dim"], global_pool="avg", class_token=False)
+    if a["attn_scale"] != "default":
+        if a["attn_scale"] not in ("scaled", "unscaled"):
+            raise ValueError(f"attn_scale={a['attn_scale']!r}: choose default, scaled or unscaled")
+        for blk in model.blocks:  # timm's unfused path reads the scale from this attribute
+            blk.attn.fused_attn = False
+            blk.attn.scale = blk.attn.head_dim ** -0.5 if a["attn_scale"] == "scaled" else 1.0
 
     def sample(g, bs):
         idx = torch.randint(0, len(ytr), (bs,), generator=g)
@@ -123,7 +148,8 @@ def digits_task(seed: int, batch_size: int) -> Task:
 
     return Task("digits", model, xtr[:batch_size], sample, loss, evaluate, "test_acc", True,
                 {"lr": 5e-3, "eval_every": 25},
-                f"timm ViT (img 8, patch 2, dim 48, depth 2, 4 heads, mean pool) on sklearn digits: "
+                f"timm ViT (img 8, patch 2, dim {a['embed_dim']}, depth {a['depth']}, {a['num_heads']} heads, "
+                f"mean pool) on sklearn digits: "
                 f"{len(ytr)} train / {len(yte)} test images")
 
 
@@ -149,18 +175,33 @@ def stdlib_bytes(seed: int, limit: int = 400_000) -> bytes:
     return b"".join(chunks)[:limit]
 
 
-def text_task(seed: int, batch_size: int) -> Task:
+TEXT_ARCH = {"n_embd": 48, "n_layer": 2, "n_head": 4, "mlp_hidden": None, "attn_scale": "default"}
+
+
+def text_task(seed: int, batch_size: int, data_seed: int | None = None, arch: dict | None = None) -> Task:
+    """``seed`` draws the initial weights; ``data_seed`` (default: ``seed``) the file shuffle.
+
+    ``arch`` overrides ``n_embd``, ``n_layer``, ``n_head``, ``mlp_hidden`` (GPT-2's ``n_inner``,
+    default 4 × n_embd) and ``attn_scale``: "default"/"scaled" (GPT-2 divides by √d) or
+    "unscaled" (``scale_attn_weights=False``).
+    """
     _need("transformers", "zoo")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    data = torch.frombuffer(bytearray(stdlib_bytes(seed)), dtype=torch.uint8).long()
+    a = _arch(arch, TEXT_ARCH)
+    if a["attn_scale"] not in ("default", "scaled", "unscaled"):
+        raise ValueError(f"attn_scale={a['attn_scale']!r}: choose default, scaled or unscaled")
+    data_seed = seed if data_seed is None else data_seed
+    data = torch.frombuffer(bytearray(stdlib_bytes(data_seed)), dtype=torch.uint8).long()
     split = int(len(data) * 0.9)
     train, val = data[:split], data[split:]
     n_val = 128
     starts = torch.linspace(0, len(val) - CONTEXT - 1, n_val).long()
     val_windows = torch.stack([val[s:s + CONTEXT] for s in starts.tolist()])
 
-    config = GPT2Config(vocab_size=256, n_positions=CONTEXT, n_embd=48, n_layer=2, n_head=4,
+    config = GPT2Config(vocab_size=256, n_positions=CONTEXT, n_embd=a["n_embd"], n_layer=a["n_layer"],
+                        n_head=a["n_head"], n_inner=a["mlp_hidden"],
+                        scale_attn_weights=a["attn_scale"] != "unscaled",
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                         eos_token_id=0)
     with torch.random.fork_rng(devices=[]):
@@ -186,7 +227,8 @@ def text_task(seed: int, batch_size: int) -> Task:
     ex = train[:batch_size * CONTEXT].view(batch_size, CONTEXT)
     return Task("text", model, {"input_ids": ex, "labels": ex, "use_cache": False}, sample, loss,
                 evaluate, "val_loss", False, {"lr": 3e-3, "eval_every": 25},
-                f"byte-level GPT-2 (n_embd 48, 2 layers, 4 heads, context {CONTEXT}) on "
+                f"byte-level GPT-2 (n_embd {a['n_embd']}, {a['n_layer']} layers, {a['n_head']} heads, "
+                f"context {CONTEXT}) on "
                 f"{len(data) // 1000} KB of Python stdlib source ({len(val) // 1000} KB held out)")
 
 
@@ -206,14 +248,18 @@ def _lr_at(step, steps, lr):
 
 
 def train_one(task: Task, kind: str, steps: int, seed: int, batch_size: int, lr: float,
-              eval_every: int, options: dict, progress: bool = True) -> dict:
-    from .rewriter.convert import convert
+              eval_every: int, options: dict, progress: bool = True, label: str | None = None) -> dict:
+    from . import convert
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # SAS / QK-norm parameters are drawn here: the same for every run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = convert(copy.deepcopy(task.model), kind, task.example, **options)
+        model = convert(copy.deepcopy(task.model), attention=kind, example_inputs=task.example, **options)
+    sites = model.attnswap_report.sites
+    from .kernels.op import reset_call_counts, total_calls
+
+    reset_call_counts()
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -221,7 +267,7 @@ def train_one(task: Task, kind: str, steps: int, seed: int, batch_size: int, lr:
     losses, evals, step_times = [], [], []
     try:
         from tqdm import tqdm
-        bar = tqdm(range(steps), desc=f"{task.name}:{kind}", disable=None if progress else True,
+        bar = tqdm(range(steps), desc=f"{task.name}:{label or kind}", disable=None if progress else True,
                    file=sys.stderr, leave=False)
     except ImportError:
         bar = range(steps)
@@ -252,8 +298,10 @@ def train_one(task: Task, kind: str, steps: int, seed: int, batch_size: int, lr:
     tail = losses[-max(1, min(20, len(losses) // 5)):]
     return {"kind": kind, "steps": len(losses), "wall_s": wall,
             "ms_per_step": 1e3 * sorted(steady)[len(steady) // 2], "params": n_params,
-            "final_train_loss": sum(tail) / len(tail), **{k: v for k, v in evals[-1].items() if k != "step"},
-            "options": options, "losses": losses, "evals": evals}
+            "final_train_loss": sum(tail) / len(tail), "train_loss_mean": sum(losses) / len(losses),
+            **{k: v for k, v in evals[-1].items() if k != "step"},
+            "options": options, "sites": len(sites), "site_scales": [r.scale for r in sites],
+            "site_kinds": [r.kind for r in sites], "op_calls": total_calls(), "losses": losses, "evals": evals}
 
 
 def compare(task="digits", kinds=("softmax", "sigmoid", "relu", "sas"), steps=300, seed=0,
