@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnswap
+import attnswap.rewriter.backend
 from attnswap.kernels.reference import attention_reference
 
 transformers = pytest.importorskip("transformers")
@@ -460,3 +461,62 @@ def test_backend_report_of_each_compiled_model():
     n = torch.compile(NoAttention(), backend="attnswap", options={"attention": "relu"})
     with pytest.warns(attnswap.AttentionSwapWarning, match="nothing converted"):
         n(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_nn_transformer_the_tutorials_way_converts_all_three_attentions(batch_first):
+    """PyTorch's tutorial masks nn.Transformer with a float causal mask and *bool* padding
+    masks; torch's own mask canonicalization warns about the mix inside MultiheadAttention,
+    which is a graph break in the middle of the site. The region call makes the masks one dtype
+    first (the same values torch computes), so all three attentions convert, exactly."""
+    torch.manual_seed(0)
+    model = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                           dim_feedforward=64, dropout=0.0, batch_first=batch_first).eval()
+
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        S, T, B = 6, 5, 2
+        src, tgt = torch.randn(B, S, 32, generator=g), torch.randn(B, T, 32, generator=g)
+        if not batch_first:
+            src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+        spm = torch.zeros(B, S, dtype=torch.bool)
+        spm[1, -2:] = True
+        tpm = torch.zeros(B, T, dtype=torch.bool)
+        tpm[1, -1] = True
+        return dict(src=src, tgt=tgt, tgt_mask=nn.Transformer.generate_square_subsequent_mask(T),
+                    src_key_padding_mask=spm, tgt_key_padding_mask=tpm, memory_key_padding_mask=spm)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own deprecation notice
+        warnings.simplefilter("error", attnswap.AttentionSwapWarning)
+        c = attnswap.convert(model, "softmax", attnswap.ExampleInputs((), inputs(0)))
+        mha = sorted(n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
+        assert sorted(r.owner for r in c.attnswap_report.sites) == mha, str(c.attnswap_report)
+        attnswap.reset_call_counts()
+        with torch.no_grad():
+            torch.testing.assert_close(c(**inputs(1)), model(**inputs(1)), **TOL)
+        assert attnswap.total_calls() == 3
+
+
+@torch.compiler.disable
+def _attention_dynamo_never_sees(q, k, v):
+    return (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1) @ v
+
+
+class HiddenFromDynamo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return _attention_dynamo_never_sees(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_attention_no_graph_shows_is_a_loud_skip_not_silence():
+    x = torch.randn(2, 5, 16)
+    with pytest.warns(attnswap.AttentionSwapWarning, match="no compiled graph of its region holds it"):
+        c = attnswap.convert(HiddenFromDynamo(), "sigmoid", x)
+    assert not c.attnswap_report.sites and c.attnswap_report.skipped
+    with pytest.raises(attnswap.AttnswapError, match="strict=True"):
+        attnswap.convert(HiddenFromDynamo(), "sigmoid", x, strict=True)

@@ -167,6 +167,7 @@ def _build(conv: Conversion, args, kwargs) -> None:
         for path in [p for p in conv.regions if not conv.expected.get(p)]:
             conv.check_recompile_limit(conv.regions[path])
             conv.uninstall_region(path)  # held no attention; its skips stay in the report
+        _report_unseen(conv, disc)
     finally:
         conv.converting = False
     if conv.strict:
@@ -175,6 +176,32 @@ def _build(conv: Conversion, args, kwargs) -> None:
             s = loud[0]
             raise AttnswapError(f"attnswap: softmax at {s.location or '<root>'} of "
                                 f"{conv.report.model} was not converted: {s.reason} (strict=True)")
+
+
+def _related(a: str, b: str) -> bool:
+    return a == b or not a or not b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _report_unseen(conv: Conversion, disc) -> None:
+    """A softmax/attention call that ran, but that no compiled graph of its region showed to the
+    passes (dynamo graph-broke inside it, e.g. in torch's own mask checks), is neither a site nor
+    a reasoned skip: say so, loudly, rather than leave it out of the report."""
+    import warnings as _w
+
+    from ..passes.canonicalize import SkipRecord
+
+    seen = [r.owner for r in conv.report.sites] + [s.location for s in conv.report.skipped]
+    for h in disc.hits:
+        if h.inside_region or any(_related(h.path, p) for p in seen):
+            continue
+        reason = (f"a {h.op} call ran here, but no compiled graph of its region holds it: dynamo "
+                  "made a graph break inside the attention (for nn.MultiheadAttention often in "
+                  "torch's own mask checks: pass masks of one dtype and explicit is_causal), so "
+                  "it runs as the original softmax")
+        if conv.report.add_skip(SkipRecord(h.path, "", h.op, reason)):
+            _w.warn(f"attnswap: softmax at {h.path or '<root>'} not converted to "
+                    f"{conv.spec.kind}: {reason}", AttentionSwapWarning, stacklevel=4)
+            seen.append(h.path)
 
 
 def _is_loud(reason: str) -> bool:

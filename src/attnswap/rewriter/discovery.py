@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..runtime.fastpath import no_mha_fastpath
 from ..runtime.region import RegionForward, probing
@@ -31,6 +32,13 @@ _WATCHED = {
     F.multi_head_attention_forward: "mha",
     torch._native_multi_head_attention: "fused_mha",
 }
+
+
+# Code that calls aten directly (``torch.ops.aten._safe_softmax``, as Inductor's own patterns
+# do) is seen at the dispatcher: the same ops, below the Python API.
+_ATEN = {"_softmax": "softmax", "_safe_softmax": "softmax", "softmax": "softmax",
+         "scaled_dot_product_attention": "sdpa", "_scaled_dot_product_flash_attention_for_cpu": "sdpa",
+         "_scaled_dot_product_attention_math": "sdpa"}
 
 
 @dataclass
@@ -68,17 +76,38 @@ class _Watch(TorchFunctionMode):
     def __init__(self, disc: Discovery, stack: list, paths: dict):
         super().__init__()
         self.disc, self.stack, self.paths = disc, stack, paths
+        self.depth = 0  # inside a watched Python-level call: its aten ops are the same hit
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         op = _WATCHED.get(func)
-        if op is not None:
-            inside = any(isinstance(m.__dict__.get("forward"), RegionForward) for m in self.stack)
-            chain = [self.paths[id(m)] for m in self.stack if id(m) in self.paths]
-            path = chain[-1] if chain else ""
-            for outer, inner in zip(chain, chain[1:]):
-                if inner != outer:
-                    self.disc.callers.setdefault(inner, outer)
-            self.disc.hits.append(Hit(op, path, inside))
+        if op is None:
+            return func(*args, **(kwargs or {}))
+        self.note(op)
+        self.depth += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.depth -= 1
+
+    def note(self, op: str) -> None:
+        inside = any(isinstance(m.__dict__.get("forward"), RegionForward) for m in self.stack)
+        chain = [self.paths[id(m)] for m in self.stack if id(m) in self.paths]
+        path = chain[-1] if chain else ""
+        for outer, inner in zip(chain, chain[1:]):
+            if inner != outer:
+                self.disc.callers.setdefault(inner, outer)
+        self.disc.hits.append(Hit(op, path, inside))
+
+
+class _WatchAten(TorchDispatchMode):
+    def __init__(self, watch: _Watch):
+        super().__init__()
+        self.watch = watch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = _ATEN.get(func.overloadpacket.__name__)
+        if op is not None and self.watch.depth == 0:
+            self.watch.note(op)
         return func(*args, **(kwargs or {}))
 
 
@@ -103,7 +132,8 @@ def discover(model: torch.nn.Module, args: tuple, kwargs: dict) -> Discovery:
             es.enter_context(probing())
             es.enter_context(no_mha_fastpath())
             es.enter_context(torch.compiler.set_stance("force_eager"))
-            es.enter_context(_Watch(disc, stack, paths))
+            watch = es.enter_context(_Watch(disc, stack, paths))
+            es.enter_context(_WatchAten(watch))
             model(*args, **kwargs)
     finally:
         pre.remove()

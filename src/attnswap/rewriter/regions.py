@@ -29,6 +29,7 @@ from ..config import dynamo_disabled_by_env
 from ..passes.pipeline import run_pipeline
 from ..passes.retarget import RetargetSpec, head_geometry, make_extras
 from ..runtime.fastpath import DisableFastpath, no_mha_fastpath
+from ..runtime.mha_masks import consistent_mha_masks
 from ..runtime.region import RegionForward, current_call
 from .backend import AttentionSwapWarning, AttnswapCompiler, AttnswapError, is_loud
 from .report import ConversionReport
@@ -227,6 +228,8 @@ class Conversion:
         # instances of one class with different float attributes (a per-stage scale) would
         # otherwise make the scale symbolic after the second instance, and the site unfoldable.
         fn = self._compiled_for(rf)
+        if isinstance(rf.module, torch.nn.MultiheadAttention):
+            args, kwargs = consistent_mha_masks(args, kwargs)
         cfg = torch._dynamo.config
         prev = cfg.specialize_float
         cfg.specialize_float = True
