@@ -113,3 +113,16 @@ def test_lengths_that_are_not_a_multiple_of_the_tile(monkeypatch, kind):
     _check(kind, c)
     _check(kind, torch.zeros(B, 1, T, T).masked_fill(~c, MIN))
     _check(kind, _padding(B, T, [71, 33], torch.float32))
+
+
+def test_inference_mode_masks_are_classified_without_a_version_counter():
+    """Inference tensors have no version counter; the tile cache must not need one."""
+    import attnswap
+
+    q = torch.randn(1, 2, 70, 16)
+    mask = torch.ones(70, 70, dtype=torch.bool).tril()
+    ref = attnswap.attention(q, q, q, mask, kind="sigmoid", scale=0.25, impl="reference")
+    with torch.inference_mode():
+        m = torch.ones(70, 70, dtype=torch.bool).tril()
+        out = attnswap.attention(q, q, q, m, kind="sigmoid", scale=0.25, impl="cpu")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)

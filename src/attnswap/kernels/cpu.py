@@ -374,6 +374,8 @@ def mask_tiles_cached(mask, kind: str, bq: int, bk: int):
     if mask is None:
         return None, None, None
     key = (bq, bk, kind == "softmax" and mask.dtype != torch.bool)
+    if mask.is_inference():  # no version counter to prove it unchanged: classify afresh
+        return _classify(mask, kind, bq, bk, key)
     ent = _tile_cache.get(id(mask))
     if ent is None or ent[0]() is not mask or ent[1] != mask._version:
         while len(_tile_cache) >= _TILE_CACHE_SIZE:
@@ -382,16 +384,20 @@ def mask_tiles_cached(mask, kind: str, bq: int, bk: int):
         _tile_cache[id(mask)] = ent
     res = ent[2].get(key)
     if res is None:
-        # A handful of reductions over the whole mask: single-threaded, since each multi-threaded
-        # torch op pays a fork/join barrier (see "tasks" below: ~15 ms each on a loaded 2-core
-        # machine, against ~1 ms for the whole classification of a 2048² mask on one thread).
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            res = ent[2][key] = _mask_tiles(mask.detach(), kind, bq, bk)
-        finally:
-            torch.set_num_threads(n)
+        res = ent[2][key] = _classify(mask, kind, bq, bk, key)
     return res
+
+
+def _classify(mask, kind: str, bq: int, bk: int, key):
+    # A handful of reductions over the whole mask: single-threaded, since each multi-threaded
+    # torch op pays a fork/join barrier (see "tasks" below: ~15 ms each on a loaded 2-core
+    # machine, against ~1 ms for the whole classification of a 2048² mask on one thread).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _mask_tiles(mask.detach(), kind, bq, bk)
+    finally:
+        torch.set_num_threads(n)
 
 
 def _lookup(table, one_row: bool, one_col: bool):
