@@ -25,7 +25,7 @@ import torch
 
 from ..passes.retarget import RetargetSpec
 from ..runtime.fastpath import no_mha_fastpath
-from .backend import AttentionSwapWarning, AttnswapError, backend_report
+from .backend import AttentionSwapWarning, AttnswapError, backend_report, is_loud
 from .discovery import discover
 from .regions import MAX_DISCOVERY_ROUNDS, Conversion, dynamo_disabled
 from .report import ConversionReport
@@ -171,7 +171,7 @@ def _build(conv: Conversion, args, kwargs) -> None:
     finally:
         conv.converting = False
     if conv.strict:
-        loud = [s for s in conv.report.skipped if _is_loud(s.reason)]
+        loud = [s for s in conv.report.skipped if is_loud(s.reason)]
         if loud:
             s = loud[0]
             raise AttnswapError(f"attnswap: softmax at {s.location or '<root>'} of "
@@ -186,8 +186,6 @@ def _report_unseen(conv: Conversion, disc) -> None:
     """A softmax/attention call that ran, but that no compiled graph of its region showed to the
     passes (dynamo graph-broke inside it, e.g. in torch's own mask checks), is neither a site nor
     a reasoned skip: say so, loudly, rather than leave it out of the report."""
-    import warnings as _w
-
     from ..passes.canonicalize import SkipRecord
 
     seen = [r.owner for r in conv.report.sites] + [s.location for s in conv.report.skipped]
@@ -199,15 +197,9 @@ def _report_unseen(conv: Conversion, disc) -> None:
                   "torch's own mask checks: pass masks of one dtype and explicit is_causal), so "
                   "it runs as the original softmax")
         if conv.report.add_skip(SkipRecord(h.path, "", h.op, reason)):
-            _w.warn(f"attnswap: softmax at {h.path or '<root>'} not converted to "
+            warnings.warn(f"attnswap: softmax at {h.path or '<root>'} not converted to "
                     f"{conv.spec.kind}: {reason}", AttentionSwapWarning, stacklevel=4)
             seen.append(h.path)
-
-
-def _is_loud(reason: str) -> bool:
-    from .backend import is_loud
-
-    return is_loud(reason)
 
 
 def _blame_inputs(model, args, kwargs, error) -> None:

@@ -28,7 +28,7 @@ import torch.fx as fx
 from ..config import dynamo_disabled_by_env
 from ..passes.pipeline import run_pipeline
 from ..passes.retarget import RetargetSpec, head_geometry, make_extras
-from ..runtime.fastpath import DisableFastpath, no_mha_fastpath
+from ..runtime.fastpath import DisableFastpath
 from ..runtime.mha_masks import consistent_mha_masks
 from ..runtime.region import RegionForward, current_call
 from .backend import AttentionSwapWarning, AttnswapCompiler, AttnswapError, is_loud
@@ -98,7 +98,7 @@ class _GraphInfo:
 
     gid: int
     cls: str
-    sites: list = field(default_factory=list)  # (ordinal, detached SiteRecord, geometry or None)
+    sites: list = field(default_factory=list)  # ((owner, ordinal), record, geometry, kept softmax)
     skips: list = field(default_factory=list)  # (detached SkipRecord, code key)
     climb: bool = False
 
