@@ -208,6 +208,49 @@ def test_convert_leaves_batchnorm_statistics_and_flags_bitwise(inplace):
     _assert_same_state(c, state)  # the converted model starts from the original state too
 
 
+class CachedBiasAttention(nn.Module):
+    """timm LeViT's shape: in eval mode the gathered per-head position bias is cached on the
+    module, so the autograd graph of the gather (saving an index *buffer*) outlives the call
+    that built it — here, convert()'s own calls."""
+
+    def __init__(self, dim=16, heads=2, tokens=4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.bias = nn.Parameter(torch.randn(heads, tokens))
+        self.register_buffer("bias_idxs", torch.arange(tokens * tokens).remainder(tokens)
+                             .view(tokens, tokens), persistent=False)
+        self.cache = {}
+
+    def biases(self):
+        if self.training:
+            return self.bias[:, self.bias_idxs]
+        if "b" not in self.cache:
+            self.cache["b"] = self.bias[:, self.bias_idxs]
+        return self.cache["b"]
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * self.hd ** -0.5 + self.biases()
+        return (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
+
+
+def test_restoring_state_keeps_autograd_graphs_the_model_cached_during_conversion():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16)
+    model = CachedBiasAttention().eval()
+    twin = copy.deepcopy(model)
+    c = attnswap.convert(model, "softmax", x)
+    assert len(c.attnswap_report.sites) == 1
+    out = c(x)
+    out.square().mean().backward()  # failed: "index buffer modified by an inplace operation"
+    ref = twin(x)
+    ref.square().mean().backward()
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(c.bias.grad, twin.bias.grad, **TOL)
+
+
 def test_failed_inplace_conversion_leaves_the_model_bitwise():
     model = ConvAttention().train()
     state = _state(model)

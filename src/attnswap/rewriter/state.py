@@ -14,7 +14,8 @@ class StateSnapshot:
         self.buffers = []
         for m in model.modules():
             for name, b in m._buffers.items():
-                self.buffers.append((m, name, b, None if b is None else b.detach().clone()))
+                self.buffers.append((m, name, b, None if b is None else b.detach().clone(),
+                                     _version(b)))
         self.params = []
         for m in model.modules():
             for name, p in m._parameters.items():
@@ -27,12 +28,26 @@ class StateSnapshot:
     def restore(self) -> None:
         for m, flag in self.flags:
             m.training = flag
-        for m, name, obj, saved in self.buffers:
+        for m, name, obj, saved, version in self.buffers:
             if m._buffers.get(name) is not obj:
                 m._buffers[name] = obj
-            if obj is not None and saved is not None:
+            # Only a buffer the calls wrote is copied back: a copy bumps the version counter,
+            # and autograd graphs the model cached during those calls (timm LeViT keeps its
+            # gathered attention biases in eval mode) would refuse to backward through an
+            # index buffer that merely looks modified.
+            if obj is not None and saved is not None and (version is None or _version(obj) != version):
                 obj.copy_(saved)
         for m, name, p, grad in self.params:
             if m._parameters.get(name) is not p:
                 m._parameters[name] = p
             p.grad = grad
+
+
+def _version(t):
+    """The version counter, or None for tensors without one (inference tensors)."""
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:
+        return None
