@@ -100,6 +100,26 @@ def test_deberta_v2_padded_batch_identity_and_sas_heads():
     assert set(_sas_heads(converted).values()) == {4}
 
 
+@pytest.mark.parametrize("relative", [False, True], ids=["plain", "disentangled"])
+def test_deberta_v1_identity_and_sigmoid_runs(relative):
+    """DeBERTa (v1) adds `rel_att: int = 0` to the scores when it has no relative term, and with
+    one it slices its relative embeddings by `torch.tensor(span)` — an `.item()` between the
+    scores and the softmax that used to break the region's graph there."""
+    from transformers import DebertaConfig, DebertaModel
+    from attnswap.kernels import op
+    torch.manual_seed(0)
+    extra = dict(relative_attention=True, pos_att_type=["c2p", "p2c"],
+                 max_relative_positions=16) if relative else {}
+    model = DebertaModel(DebertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=64, **extra))
+    assert_identity(model, _text(0), _text(1))
+    converted = attnswap.convert(model.eval(), "sigmoid", attnswap.ExampleInputs(*_text(0)))
+    op.reset_call_counts()
+    with torch.no_grad():
+        converted(**_text(1)[1])
+    assert op.total_calls("sigmoid") == 2
+
+
 def test_mpt_left_padding_identity():
     from transformers import MptConfig, MptModel
     torch.manual_seed(0)

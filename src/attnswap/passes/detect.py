@@ -310,7 +310,13 @@ def _match_scores(sm: fx.Node, site: Site):
             else:
                 raise _Reject("no matmul found under the scores")
             if not isinstance(other, fx.Node):
-                raise _Reject("a constant is added to the scores")
+                # `scores + 0` is what HF DeBERTa writes when it has no relative term
+                # (`rel_att: int = 0`); adding zero is exact to drop, any other constant is not
+                # (it shifts sigmoid and ReLU weights) and stays a reason.
+                if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+                    cur = chain
+                    continue
+                raise _Reject(f"a constant ({other!r}) is added to the scores")
             steps.append(("add", cur, other))
             cur = chain
             continue

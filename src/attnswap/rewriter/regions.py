@@ -231,12 +231,15 @@ class Conversion:
         if isinstance(rf.module, torch.nn.MultiheadAttention):
             args, kwargs = consistent_mha_masks(args, kwargs)
         cfg = torch._dynamo.config
-        prev = cfg.specialize_float
-        cfg.specialize_float = True
+        prev = cfg.specialize_float, cfg.capture_scalar_outputs
+        # `.item()` inside a site (HF DeBERTa slices its relative embeddings by
+        # `torch.tensor(span)`) would otherwise break the graph between the scores and the
+        # softmax, and the site would run unconverted.
+        cfg.specialize_float, cfg.capture_scalar_outputs = True, True
         try:
             return fn(rf.module, *args, **kwargs)
         finally:
-            cfg.specialize_float = prev
+            cfg.specialize_float, cfg.capture_scalar_outputs = prev
 
     # ------------------------------------------------------------------ compiling (the backend)
     def _ordinal(self, cls: str, owner_rel: str, key: str, n_in_graph: int) -> int:
