@@ -320,6 +320,19 @@ def _match_scores(sm: fx.Node, site: Site):
             steps.append(("add", cur, other))
             cur = chain
             continue
+        if s.op == "sub":
+            # `scores - 1e30 * mask` (XLNet, Funnel): an additive mask with coefficient -1.
+            a, b = s.args
+            if not _reaches_matmul(a) or (isinstance(b, fx.Node) and _reaches_matmul(b)):
+                raise _Reject("the scores are subtracted from a tensor (negated scores)")
+            if not isinstance(b, fx.Node):
+                if isinstance(b, (int, float)) and not isinstance(b, bool) and b == 0:
+                    cur = a
+                    continue
+                raise _Reject(f"a constant ({b!r}) is subtracted from the scores")
+            steps.append(("sub", cur, b))
+            cur = a
+            continue
         if s.op == "masked_fill":
             val = constant_value(s.attrs["value"])
             if not is_very_negative(val):
@@ -380,8 +393,8 @@ def _fold_steps(site: Site, steps, scores_shape):
             if why:
                 raise _Reject(why)
             (site.q_factors if where == "q" else site.k_factors).append((factor, how))
-        elif op == "add":
-            site.masks.append(("add", arg, 1.0, at_shape))
+        elif op in ("add", "sub"):
+            site.masks.append(("add", arg, 1.0 if op == "add" else -1.0, at_shape))
         elif op == "bool":
             m, negate, value = arg
             if dtype_of(m) not in (torch.bool, None):

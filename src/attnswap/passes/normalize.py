@@ -52,6 +52,7 @@ _MUL_FNS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor, aten.mul.Sc
 _DIV_FNS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, aten.div.Tensor,
             aten.div.Scalar}
 _ADD_FNS = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add.Scalar}
+_SUB_FNS = {operator.sub, operator.isub, torch.sub, aten.sub.Tensor, aten.sub.Scalar}
 _WHERE_FNS = {torch.where, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
               aten.where.Scalar}
 _MASKED_FILL_FNS = {torch.masked_fill, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
@@ -179,6 +180,11 @@ def spell(node: Any) -> Spelling | None:
         if node.kwargs.get("alpha", 1) != 1:
             return None
         return Spelling("add", (node.args[0], node.args[1]))
+    if fn in _SUB_FNS or m in ("sub", "sub_", "__sub__", "__rsub__"):
+        if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+            return None
+        a, b = node.args
+        return Spelling("sub", (b, a) if m == "__rsub__" else (a, b))
     if fn in _MASKED_FILL_FNS or m in ("masked_fill", "masked_fill_"):
         return Spelling("masked_fill", (node.args[0], _a(node, 1, "mask")), {"value": _a(node, 2, "value")})
     if fn in _WHERE_FNS and len(node.args) == 3:

@@ -1,7 +1,8 @@
 """The one pass pipeline, named, used by every capture front end (the regional backend, the
 whole-graph ``backend="attnswap"`` entry point and the ONNX export).
 
-    normalize (read-only spellings) → detect → canonicalize → [assign identities] → retarget
+    lower einsums → normalize (read-only spellings) → detect → canonicalize → [assign identities]
+    → retarget → restore the einsums no site took
 
 ``assign`` runs between canonicalize and retarget because a site's learned parameters are keyed
 by its identity. Every site that retargeting has to keep as softmax comes back as a
@@ -17,9 +18,10 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import SiteRecord, SkipRecord, canonicalize
+from .einsum_lowering import lower_einsums, restore
 from .retarget import ExtrasFor, RetargetSpec, retarget
 
-PASSES = ("normalize", "detect", "canonicalize", "assign", "retarget")
+PASSES = ("lower_einsums", "normalize", "detect", "canonicalize", "assign", "retarget", "restore")
 
 
 @dataclass
@@ -40,6 +42,7 @@ def run_pipeline(
 ) -> PipelineResult:
     """Rewrite ``gm`` in place. ``accept`` may veto a site (include/exclude); ``assign`` gives
     sites and skips their identities; ``extras_for`` provides SAS / QK-norm modules."""
+    lowered = lower_einsums(gm)
     records, skipped = canonicalize(gm, root, accept=accept)
     if assign is not None:
         assign(records, skipped)
@@ -50,4 +53,5 @@ def run_pipeline(
         result.skipped.append(SkipRecord(rec.region or rec.owner, rec.owner_type, "attention",
                                          f"kept as softmax: {why}", node=rec.anchor))
     result.sites = records  # kept ones included: they run the op, as kind "softmax"
+    restore(gm, lowered)
     return result
