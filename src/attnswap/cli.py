@@ -50,6 +50,44 @@ def _console(stderr=False):
     return Console(stderr=stderr, width=width)
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low}; give an integer >= {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
+def _output_dir(path: str, what: str = "--out") -> str:
+    """Create ``path`` now (before minutes of work) or say in one line why it cannot be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is an existing file, not a directory; give a directory path")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{what} {path!r} cannot be created ({e.strerror or e}); give a writable "
+                         "directory") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{what} {path!r} is not writable; give a writable directory")
+    return path
+
+
 def _check_kinds(kinds, allowed=KINDS):
     for k in kinds:
         if k not in allowed:
@@ -146,10 +184,14 @@ def cmd_convert(a):
     if a.qk_norm:
         options["qk_norm"] = True
     _validate_spec(a.attention, options)
+    _output_dir(a.out)
     built = _resolve(a.model)
     converted = _convert(built, a.attention, **options)
     report = converted.attnswap_report
-    os.makedirs(a.out, exist_ok=True)
+    if not report.sites:
+        why = next((s.reason for s in report.skipped), "no softmax or attention call ran")
+        raise UsageError(f"nothing converted in {a.model}: {' '.join(why.split())}; nothing saved "
+                         f"(see 'attnswap inspect {a.model}')")
     torch.save(converted.state_dict(), os.path.join(a.out, "model.pt"))
     meta = {"model": a.model, "attention": a.attention, "options": options,
             "sites": len(report.sites), "report": report.to_dict(),
@@ -254,8 +296,7 @@ def cmd_train(a):
             raise UsageError(f"option {key!r} applies to none of {', '.join(a.attention)}")
     for kind in a.attention:
         _validate_spec(kind, options_for(kind, options, a.qk_norm))
-    if a.steps < 1:
-        raise UsageError("--steps must be at least 1")
+    _output_dir(a.out)
     from . import training
 
     try:
@@ -276,10 +317,7 @@ def cmd_train(a):
 # --------------------------------------------------------------------------------------------
 
 def cmd_study(a):
-    if a.steps < 1:
-        raise UsageError("--steps must be at least 1")
-    if a.threads is not None and a.threads < 1:
-        raise UsageError("--threads must be at least 1")
+    _output_dir(a.out)
     arch = _parse_options(a.model_option)
     from . import training
     from .study import run_study
@@ -334,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", nargs="+", metavar="MODEL", help="a subset of the built-in models")
     s.add_argument("--attention", nargs="+", default=list(SWAP_KINDS), metavar="KIND",
                    help="kinds to time (default: sigmoid relu sas)")
-    s.add_argument("--reps", type=int, default=10, help="timed repetitions (median; default 10)")
+    s.add_argument("--reps", type=_at_least(1), default=10, help="timed repetitions (median; default 10)")
     s.set_defaults(fn=cmd_zoo)
 
     s = sub.add_parser("train", help="train one small model per attention kind; plot and summarize")
@@ -343,14 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "Python standard library's source")
     s.add_argument("--attention", nargs="+", default=list(KINDS), metavar="KIND",
                    help="kinds to train (default: softmax sigmoid relu sas)")
-    s.add_argument("--steps", type=int, default=None, help="optimizer steps per kind (default: 300)")
+    s.add_argument("--steps", type=_at_least(1), default=None, help="optimizer steps per kind (default: 300)")
     s.add_argument("--out", default=None, metavar="DIR", help="where the PNG/JSON/markdown go "
                    "(default: runs/train_<task>)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--eval-every", type=int, default=None)
-    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--batch-size", type=_at_least(1), default=None)
+    s.add_argument("--lr", type=_positive_float, default=None)
+    s.add_argument("--eval-every", type=_at_least(1), default=None)
+    s.add_argument("--threads", type=_at_least(1), default=None, help="torch threads (default: torch's)")
     s.add_argument("--qk-norm", action="store_true", help="QK-norm on every kind (the sigmoid paper "
                    "pairs b = -ln n with QK-norm)")
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
@@ -367,18 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "alpha in 0, 0.5, 1, 1.5; relu-activation: the seven h; scale: 1/sqrt(d) at init "
                         "and in training; sas: SAS vs softmax at near-equal parameters")
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    s.add_argument("--steps", type=int, default=300, help="optimizer steps per arm and seed (default 300)")
+    s.add_argument("--steps", type=_at_least(1), default=300, help="optimizer steps per arm and seed (default 300)")
     s.add_argument("--out", default="runs/study", metavar="DIR",
                    help="where study_<task>_<study>.{json,md,png} go (default runs/study)")
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--eval-every", type=int, default=None)
-    s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the same numbers "
+    s.add_argument("--batch-size", type=_at_least(1), default=None)
+    s.add_argument("--lr", type=_positive_float, default=None)
+    s.add_argument("--eval-every", type=_at_least(1), default=None)
+    s.add_argument("--threads", type=_at_least(1), default=1, help="torch threads (default 1: the same numbers "
                    "on any machine with this CPU type)")
     s.add_argument("--arms", nargs="+", default=None, metavar="ARM", help="a subset of the study's arms")
     s.add_argument("--model-option", action="append", metavar="KEY=VALUE",
                    help="override the task's model for every arm, e.g. embed_dim=32, depth=1")
-    s.add_argument("--head-dims", type=int, nargs="+", default=None,
+    s.add_argument("--head-dims", type=_at_least(1), nargs="+", default=None,
                    help="scale study: head dims of the analysis at init (default 16 32 64 128 256)")
     s.set_defaults(fn=cmd_study)
     return p

@@ -159,7 +159,12 @@ def _from_factory(spec: str) -> BuiltModel:
     if not callable(fn):
         raise ModelSpecError(f"{spec!r} is not callable; the factory must return a model "
                              "or (model, example_inputs)")
-    out = fn()
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: say so in one line
+        raise ModelSpecError(
+            f"calling {spec}() raised {_one_line(e)}; the factory must take no "
+            "arguments and return the model or (model, example_inputs)") from None
     example = None
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module):
         out, example = out

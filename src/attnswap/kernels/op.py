@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import reference
-from .params import (
-    AttentionParams,
-    LENGTH_KEYS,
-    encode_length,
-    validate_params,
-)
+from ..config import impl_default, triton_interpret
+from ..options import AttnswapOptionError, check_op_args
+from .params import AttentionParams, LENGTH_KEYS, encode_length
 
 call_counts: collections.Counter = collections.Counter()
 
@@ -101,6 +97,18 @@ def validate_inputs(q, k, v, attn_mask) -> None:
                 f"attn_mask of shape {_shape(attn_mask)} does not broadcast to the scores' shape "
                 f"[B, Hq, Tq, Tk] = {list(target)}"
             ) from None
+
+
+def _check_device(impl: str, q: torch.Tensor) -> None:
+    """A kernel pinned by ``impl`` must be able to run where the tensors are."""
+    dev = q.device.type
+    if impl == "cpu" and dev != "cpu":
+        raise AttnswapOptionError("impl", impl, f"the CPU kernel cannot run on {dev} tensors",
+                                  "use impl='auto' (or 'triton' on CUDA), or move q, k, v to the CPU")
+    if impl == "triton" and dev != "cuda" and not triton_interpret():
+        raise AttnswapOptionError("impl", impl, f"the Triton kernels need CUDA tensors (got {dev})",
+                                  "use impl='auto' (the CPU kernel), or set TRITON_INTERPRET=1 "
+                                  "before importing torch to run them in Triton's interpreter")
 
 
 def _mask4d(attn_mask):
@@ -341,17 +349,18 @@ def attention(
     is drawn from torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
     """
     if impl is None:
-        impl = os.environ.get("ATTNSWAP_IMPL", "auto")
+        impl = impl_default()
     validate_inputs(q, k, v, attn_mask)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    a = check_op_args(kind=kind, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+                      dropout_seed=dropout_seed, sigmoid_bias=sigmoid_bias, activation=activation,
+                      alpha=alpha, length=length, fast_sigmoid=fast_sigmoid, impl=impl)
+    _check_device(a["impl"], q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if a["scale"] is None else float(a["scale"])
     params = AttentionParams(
-        kind=kind, scale=float(scale), is_causal=bool(is_causal), dropout_p=float(dropout_p),
-        sigmoid_bias=None if sigmoid_bias is None else float(sigmoid_bias),
-        activation=activation, alpha=float(alpha), length=encode_length(length),
-        fast_sigmoid=bool(fast_sigmoid),
+        kind=a["kind"], scale=scale, is_causal=a["is_causal"], dropout_p=a["dropout_p"],
+        sigmoid_bias=a["sigmoid_bias"], activation=a["activation"], alpha=a["alpha"],
+        length=encode_length(a["length"]), fast_sigmoid=a["fast_sigmoid"],
     )
-    validate_params(params, impl)
     seed = None
     if params.dropout_p > 0.0:
         if dropout_seed is None:
@@ -363,7 +372,7 @@ def attention(
     return attention_op(
         q, k, v, attn_mask, params.kind, params.scale, params.is_causal, params.dropout_p, seed,
         params.sigmoid_bias, params.activation, params.alpha, params.length, params.fast_sigmoid,
-        impl,
+        a["impl"],
     )
 
 

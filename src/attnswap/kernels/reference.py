@@ -119,7 +119,7 @@ def attention_reference(
         dead = torch.isneginf(s).all(-1, keepdim=True)
         p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     elif kind == "sigmoid":
-        b = -math.log(Tk) if sigmoid_bias is None else sigmoid_bias
+        b = -math.log(max(Tk, 1)) if sigmoid_bias is None else sigmoid_bias  # no keys: output 0
         p = torch.sigmoid(s + b).masked_fill(~vis, 0.0)
     elif kind == "relu":
         h = apply_activation(activation, s).masked_fill(~vis, 0.0)

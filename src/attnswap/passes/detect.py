@@ -690,7 +690,8 @@ def match_mha(node: fx.Node) -> Site:
              "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
              "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
              "static_k", "static_v", "average_attn_weights", "is_causal"]
-    a = dict(zip(names, node.args))
+    a = {"training": True}  # the one default the matcher reads (F.multi_head_attention_forward's)
+    a.update(zip(names, node.args))
     a.update(node.kwargs)
     for unsupported in ("bias_k", "bias_v", "static_k", "static_v"):
         if a.get(unsupported) is not None:

@@ -15,23 +15,14 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..kernels.params import encode_length
-from ..kernels.reference import ACTIVATIONS
+from .. import options as _options
 from .canonicalize import SiteRecord
 from ..runtime.extras import SAS, AttentionExtras, QKNorm
 from ..runtime.region import run_site_extras
 from ..runtime.site_call import mha_site
 
-KINDS = ("softmax", "sigmoid", "relu", "sas")
-
-# Per-kind options and their defaults; anything else is an error that lists these.
-KIND_OPTIONS = {
-    "softmax": {},
-    "sigmoid": {"sigmoid_bias": None, "fast_sigmoid": False},
-    "relu": {"activation": "relu", "alpha": 1.0, "length": None},
-    "sas": {"heads_ratio": 2, "dim": None, "kernel_size": 3, "init": "identity"},
-}
-COMMON_OPTIONS = {"impl": None, "qk_norm": False}
+# The kinds and their options live with every other option check (``attnswap/options.py``).
+KINDS, KIND_OPTIONS, COMMON_OPTIONS = _options.KINDS, _options.KIND_OPTIONS, _options.COMMON_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -43,19 +34,10 @@ class RetargetSpec:
 
     @classmethod
     def build(cls, kind: str, include=None, exclude=None, **options) -> "RetargetSpec":
-        if kind not in KINDS:
-            raise ValueError(f"attention={kind!r} is not supported; choose one of {KINDS}")
-        allowed = {**KIND_OPTIONS[kind], **COMMON_OPTIONS}
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for attention={kind!r}; allowed: {sorted(allowed)}"
-            )
-        opts = {**allowed, **options}
-        _validate(kind, opts)
-        inc = (include,) if isinstance(include, str) else tuple(include or ())
-        exc = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())
-        return cls(kind, opts, inc, exc)
+        """A spec whose every option is checked (``AttnswapOptionError`` names a bad one)."""
+        opts = _options.check_kind_options(kind, options)
+        return cls(kind, opts, _options.check_globs("include", include),
+                   _options.check_globs("exclude", exclude))
 
     def accept(self, rec: SiteRecord) -> str | None:
         return self.accept_path(rec.region or rec.owner)
@@ -82,37 +64,6 @@ class RetargetSpec:
     @property
     def needs_parameters(self) -> bool:
         return self.kind == "sas" or bool(self.options.get("qk_norm"))
-
-
-def _validate(kind: str, o: dict) -> None:
-    if kind == "sigmoid":
-        b = o["sigmoid_bias"]
-        if b is not None and not isinstance(b, (int, float)):
-            raise ValueError(f"sigmoid_bias={b!r} must be a float (pinned b) or None (b = -ln(Tk))")
-    if kind == "relu":
-        if o["activation"] not in ACTIVATIONS:
-            raise ValueError(f"activation={o['activation']!r} is not one of {ACTIVATIONS}")
-        if not isinstance(o["alpha"], (int, float)) or o["alpha"] < 0:
-            raise ValueError(f"alpha={o['alpha']!r} must be a non-negative number (paper: 1)")
-        encode_length(o["length"])
-    if kind == "sas":
-        r = o["heads_ratio"]
-        if not isinstance(r, int) or isinstance(r, bool) or r < 2:
-            raise ValueError(f"heads_ratio={r!r} must be an int >= 2 (SAS expands H heads to r*H)")
-        ks = o["kernel_size"]
-        if not isinstance(ks, int) or ks < 1 or ks % 2 == 0:
-            raise ValueError(f"kernel_size={ks!r} must be an odd positive int (keeps head_dim)")
-        if o["init"] not in ("identity", "random"):
-            raise ValueError(f"init={o['init']!r} must be 'identity' or 'random'")
-        d = o["dim"]
-        if d is not None and (not isinstance(d, int) or d < 1):
-            raise ValueError(f"dim={d!r} must be a positive int (the expanded head dim D') or None")
-    qn = o.get("qk_norm")
-    if qn not in (False, True, None, "layernorm", "rmsnorm"):
-        raise ValueError(f"qk_norm={qn!r} must be False, True, 'layernorm' or 'rmsnorm'")
-    impl = o.get("impl")
-    if impl not in (None, "auto", "reference", "cpu", "triton", "sdpa"):
-        raise ValueError(f"impl={impl!r} must be one of auto, reference, cpu, triton, sdpa")
 
 
 def _head_geometry(rec: SiteRecord, node: fx.Node):

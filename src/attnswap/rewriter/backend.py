@@ -23,6 +23,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from torch._dynamo.exc import ShortenTraceback
+
+from ..options import AttnswapOptionError, check_inner
 from ..passes.pipeline import PipelineResult, run_pipeline
 from ..passes.retarget import RetargetSpec
 from ..runtime.region import run_site_extras, site_extras
@@ -30,7 +33,8 @@ from .report import ConversionReport
 
 # Skip reasons that mean "this softmax probably *was* attention, and it still runs as softmax".
 LOUD = ("graph break", "fused attention kernel", "not found in the model", "head axis",
-        "symbolic", "consumers", "kept as softmax", "outside this graph", "leave the compiled graph")
+        "symbolic", "consumers", "kept as softmax", "outside this graph", "leave the compiled graph",
+        "dynamo is disabled")
 
 
 class AttentionSwapWarning(UserWarning):
@@ -69,9 +73,17 @@ class AttnswapCompiler:
         self.report.add_graph(result.sites, result.skipped)
         warn_loud(result, self.spec.kind)
         if not self.report.sites:
+            deselected = [s for s in result.skipped
+                          if s.reason.startswith(("not selected by include=", "excluded by exclude="))]
+            if deselected:
+                paths = sorted({s.location or "<root>" for s in deselected})
+                why = (f"include={list(self.spec.include)} / exclude={list(self.spec.exclude)} "
+                       f"deselect every site of this graph (site paths: {', '.join(paths)})")
+            else:
+                why = "it holds no softmax attention"
             warnings.warn(
-                f"attnswap backend: graph {self.graphs} of {self.report.model or 'this model'} "
-                f"holds no softmax attention; nothing converted so far.\n{self.report}",
+                f"attnswap backend: nothing converted in graph {self.graphs} of "
+                f"{self.report.model or 'this model'}: {why}.\n{self.report}",
                 AttentionSwapWarning, stacklevel=2)
         return self.inner_compile(gm, example_inputs)
 
@@ -171,21 +183,43 @@ def backend_report(module) -> ConversionReport | None:
     return _backend_reports.get(module)
 
 
-def attnswap_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_):
-    """Entry point for ``torch.compile(..., backend="attnswap", options={...})``."""
+class BackendOptionError(AttnswapOptionError, ShortenTraceback):
+    """A bad ``options=`` of ``torch.compile(backend="attnswap")``. Dynamo passes this kind of
+    exception through as it is (any other becomes a ``BackendCompilerFailed`` whose first lines
+    are dynamo's), so the user reads the option's one-line message first."""
+
+    def __init__(self, error: AttnswapOptionError):
+        ValueError.__init__(self, f"torch.compile(backend='attnswap'): {error}")
+        self.name, self.value, self.first_useful_frame = error.name, error.value, None
+
+
+def spec_from_options(options) -> tuple[RetargetSpec, str]:
+    """The spec and inner compiler that ``torch.compile(..., options=options)`` asks for."""
+    if options is not None and not isinstance(options, dict):
+        raise AttnswapOptionError("options", options, "it must be a dict such as "
+                                  "{'attention': 'sigmoid'}")
     opts = dict(options or {})
     kind = opts.pop("attention", "softmax")
-    inner = opts.pop("inner", "eager")
+    inner = check_inner(opts.pop("inner", "eager"))
     include, exclude = opts.pop("include", None), opts.pop("exclude", None)
     spec = RetargetSpec.build(kind, include=include, exclude=exclude, **opts)
     if spec.needs_parameters:
-        raise ValueError(
-            f"backend='attnswap' with attention={kind!r}"
-            f"{' and qk_norm' if spec.options.get('qk_norm') else ''} needs new parameters that "
-            "the optimizer must know before compiling. Convert first: "
-            f"model = attnswap.convert(model, attention={kind!r}, ...); it returns a compiled, "
-            "trainable model."
-        )
+        what = f"attention={kind!r}" + (" with qk_norm" if spec.options.get("qk_norm") else "")
+        raise AttnswapOptionError(
+            "attention", kind, f"{what} adds parameters that the optimizer must know before "
+            "compiling, which a torch.compile backend cannot do",
+            f"convert first: model = attnswap.convert(model, attention={kind!r}, ...) returns a "
+            "compiled, trainable model")
+    return spec, inner
+
+
+def attnswap_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_):
+    """Entry point for ``torch.compile(..., backend="attnswap", options={...})``."""
+    try:
+        spec, inner = spec_from_options(options)
+    except AttnswapOptionError as e:
+        raise BackendOptionError(e) from None
+    kind = spec.kind
     module = _compiled_module()
     if module is None:
         report = _unowned

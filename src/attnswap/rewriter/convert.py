@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+import traceback
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from ..options import AttnswapOptionError, check_convert_args
 from ..passes.retarget import RetargetSpec
 from ..runtime.fastpath import no_mha_fastpath
 from .backend import AttentionSwapWarning, AttnswapError, backend_report, is_loud
@@ -97,15 +100,17 @@ def convert(
     ``strict=True`` turns "a site ran as the original softmax" into an error, at conversion and
     on every call. The report is ``model.attnswap_report`` (or ``attnswap.report_of(model)``).
     """
-    spec = RetargetSpec.build(attention, include=include, exclude=exclude, **options)
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise AttnswapOptionError("model", model, "it must be a torch.nn.Module",
+                                  "pass the model itself (an nn.Module), not its class or output")
+    spec = RetargetSpec.build(attention, include=include, exclude=exclude, **options)
+    check_convert_args(inplace=inplace, inner=inner, dynamic=dynamic, strict=strict)
     if conversion_of(model) is not None:
         raise ValueError("this model is already converted; convert the original model instead "
                          "(attnswap.unconvert(model) gives it back)")
     args, kwargs = _example_call(model, example_inputs)
     snapshot = StateSnapshot(model)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy_of(model)
     target_snapshot = snapshot if inplace else StateSnapshot(target)
     conv = Conversion(target, spec, inner=inner, dynamic=dynamic, strict=strict,
                       model_name=type(model).__name__)
@@ -132,6 +137,23 @@ def convert(
     return target
 
 
+def _copy_of(model):
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - any copy failure has the same remedy
+        raise AttnswapOptionError(
+            "inplace", False, f"{type(model).__name__} cannot be deep-copied "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+            "pass inplace=True to convert the model itself (it is left as it was if conversion "
+            "fails), or drop the tensors that block copying (often a cache that a forward "
+            "outside torch.no_grad() filled)") from e
+
+
+_DYNAMO_DISABLED = ("dynamo is disabled (TORCHDYNAMO_DISABLE=1 or torch._dynamo.config.disable), "
+                    "and attnswap compiles each attention region with dynamo: it runs as the "
+                    "original softmax; unset TORCHDYNAMO_DISABLE to convert it")
+
+
 def _build(conv: Conversion, args, kwargs) -> None:
     """Discovery, then rounds of region calls until every region holds its whole site."""
     root = conv.root
@@ -139,6 +161,15 @@ def _build(conv: Conversion, args, kwargs) -> None:
     conv.discovered = [h.path for h in disc.hits]
     candidates = disc.candidates()
     if not candidates:
+        return
+    if dynamo_disabled():
+        from ..passes.canonicalize import SkipRecord
+
+        for h in disc.hits:
+            conv.report.add_skip(SkipRecord(h.path, "", h.op, _DYNAMO_DISABLED))
+        if conv.strict:
+            raise AttnswapError(f"attnswap: nothing converted in {conv.report.model}: "
+                                f"{_DYNAMO_DISABLED} (strict=True)")
         return
     conv.converting = True
     try:
@@ -203,19 +234,43 @@ def _report_unseen(conv: Conversion, disc) -> None:
 
 
 def _blame_inputs(model, args, kwargs, error) -> None:
-    """Were the inputs at fault rather than attnswap? The original model tells."""
+    """Were the inputs or the model at fault rather than attnswap? The original model tells."""
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise AttnswapOptionError(
+            "example_inputs", ExampleInputs(args, kwargs), f"they do not fit "
+            f"{type(model).__name__}.forward{_signature(model)} ({e})",
+            "pass a tensor, a tuple of positional args, a dict of keyword args or "
+            "attnswap.ExampleInputs(args, kwargs) that the model accepts") from None
+    except ValueError:
+        pass  # no signature to read (a builtin): let the call below tell
     snapshot = StateSnapshot(model)
     try:
         with torch.no_grad(), no_mha_fastpath():
             model(*args, **kwargs)
     except Exception as original_error:
+        where = _raising_frame(original_error)
         raise ValueError(
-            f"example_inputs do not fit {type(model).__name__}, or its forward fails: calling "
-            f"the original model with them raised {type(original_error).__name__}: "
-            f"{original_error}. Pass inputs the model accepts; attnswap did not change the model."
+            f"the original {type(model).__name__} fails on these example_inputs, before any "
+            f"conversion: its forward raised {type(original_error).__name__}: "
+            f"{' '.join(str(original_error).split())[:300]}{where}. Fix the inputs (or the "
+            "model) so that model(example_inputs) runs; attnswap did not change the model."
         ) from original_error
     finally:
         snapshot.restore()
+
+
+def _signature(model) -> str:
+    try:
+        return str(inspect.signature(model.forward))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def _raising_frame(error) -> str:
+    tb = traceback.extract_tb(error.__traceback__)
+    return f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
 
 
 def _nothing_converted(conv: Conversion, model) -> None:
