@@ -13,6 +13,7 @@ names the argument, shows the value given, says what is allowed and, where it he
 from __future__ import annotations
 
 import math
+import re
 import numbers
 from typing import Any
 
@@ -66,7 +67,7 @@ def _render(value: Any) -> str:
         return "{" + ", ".join(f"{k!r}: {_render(v)}" for k, v in value.items()) + "}"
     if hasattr(value, "args") and hasattr(value, "kwargs") and type(value).__name__ == "ExampleInputs":
         return f"ExampleInputs(args={_render(tuple(value.args))}, kwargs={_render(dict(value.kwargs))})"
-    return repr(value)
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(value))  # addresses differ from run to run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def check_real(name: str, value, *, low=None, low_open=False, high=None, high_op
         return None
     if not _is_number(value):
         if isinstance(value, torch.Tensor):
-            hint = hint or "pass a Python float (e.g. tensor.item())"
+            hint = "pass a Python float (tensor.item())" + (f"; {hint}" if hint else "")
         raise AttnswapOptionError(name, value, f"it must be {what}" + (" or None" if optional else ""),
                                   hint)
     if not _concrete(value):
