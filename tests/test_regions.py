@@ -254,7 +254,7 @@ def test_restoring_state_keeps_autograd_graphs_the_model_cached_during_conversio
 def test_failed_inplace_conversion_leaves_the_model_bitwise():
     model = ConvAttention().train()
     state = _state(model)
-    with pytest.raises(ValueError, match="example_inputs do not fit"):
+    with pytest.raises(ValueError, match="the original ConvAttention fails on these example_inputs"):
         attnswap.convert(model, "sigmoid", torch.randn(2, 5, 4, 4), inplace=True)
     _assert_same_state(model, state)
     assert all("forward" not in m.__dict__ for m in model.modules())
