@@ -553,3 +553,29 @@ def test_cli_bad_input_exits_2_with_one_line(argv, w1, w2, factories, tmp_path, 
     assert w1 in lines[0] and w2 in lines[0], lines[0]
     assert not (out / "model.pt").exists()
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the other entry points of the API
+
+
+@pytest.mark.parametrize("call,name,words", [
+    (lambda: attnswap.report_of(5), "model", ["=5 ", "nn.Module"]),
+    (lambda: attnswap.from_pretrained(5), "path", ["=5 ", "save_pretrained"]),
+    (lambda: attnswap.from_pretrained("/no/such/attnswap/dir"), "path", ["no such directory"]),
+    (lambda: attnswap.from_pretrained("./no_such_attnswap_dir"), "path", ["no such directory"]),
+], ids=["report_of-int", "from_pretrained-int", "from_pretrained-abs", "from_pretrained-rel"])
+def test_api_entry_points_bad_argument(call, name, words):
+    pytest.importorskip("transformers")
+    with pytest.raises(AttnswapOptionError) as e:
+        call()
+    assert e.value.name == name
+    assert_one_line_naming(str(e.value), f"{name}=", *words)
+
+
+def test_unconvert_of_a_model_that_is_not_converted():
+    model = make_model()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="Block is not a model returned by attnswap.convert"):
+        attnswap.unconvert(model)
+    assert_unchanged(model, before)

@@ -343,6 +343,9 @@ def original_code(model):
 
 def report_of(model) -> ConversionReport | None:
     """The report of a converted model, or of a model compiled with ``backend="attnswap"``."""
+    if not isinstance(model, torch.nn.Module):
+        raise AttnswapOptionError("model", model, "it must be a torch.nn.Module (a converted model "
+                                  "or one compiled with backend='attnswap')")
     conv = conversion_of(model)
     if conv is not None:
         return conv.report

@@ -110,6 +110,15 @@ def from_pretrained(path: str, **hf_kwargs) -> torch.nn.Module:
 
     import transformers
 
+    from ..options import AttnswapOptionError
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise AttnswapOptionError("path", path, "it must be the directory that save_pretrained "
+                                  "wrote (a str or os.PathLike)")
+    text = os.fspath(path)
+    if (os.path.isabs(text) or text.startswith((".", "~"))) and not os.path.isdir(text):
+        raise AttnswapOptionError("path", path, "no such directory",
+                                  "give the directory that save_pretrained wrote")
     config = transformers.AutoConfig.from_pretrained(path)
     info = getattr(config, "attnswap", None)
     if not isinstance(info, dict):
