@@ -246,3 +246,60 @@ def test_backward_op_registered_and_fake():
     assert dmask.shape == mask.shape
     torch.library.opcheck(op_module.attention_backward_op, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------------------------
+# eager calls run the op's kernels without the dispatcher; traced calls keep the op node
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", ["plain", "float-mask-grad", "gqa-causal", "dropout"])
+def test_eager_path_equals_the_dispatched_op_bitwise(kind, case):
+    """``attention()`` outside any trace skips the custom op's dispatch (for speed): its
+    outputs and gradients must be exactly the op's, and it is counted the same."""
+    Hkv = 1 if case == "gqa-causal" else 2
+    q, k, v = qkv(B=2, Hq=2, Hkv=Hkv, Tq=7, Tk=7, D=8, Dv=8, requires_grad=True, seed=3)
+    mask = None
+    if case == "float-mask-grad":
+        mask = torch.randn(2, 1, 7, 7, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    kw = dict(is_causal=case == "gqa-causal", dropout_p=0.25 if case == "dropout" else 0.0,
+              seed=torch.tensor(123) if case == "dropout" else None)
+    leaves = [t for t in (q, k, v, mask) if t is not None]
+    go = torch.randn(2, 2, 7, 8, generator=torch.Generator().manual_seed(5))
+
+    attnswap.reset_call_counts()
+    out = attnswap.attention(q, k, v, mask, kind=kind, impl="cpu", is_causal=kw["is_causal"],
+                             dropout_p=kw["dropout_p"], dropout_seed=kw["seed"])
+    grads = torch.autograd.grad(out, leaves, go)
+    assert attnswap.call_counts[(kind, "cpu")] == 1
+    assert out.grad_fn is not None and "EagerAttention" in type(out.grad_fn).__name__
+
+    ref = attention_op(*op_args(q, k, v, mask, kind, "cpu", **kw))
+    ref_grads = torch.autograd.grad(ref, leaves, go)
+    assert "EagerAttention" not in type(ref.grad_fn).__name__
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+
+
+def test_traced_calls_keep_the_op_node():
+    """Under dynamo / make_fx the call must stay one ``attnswap::attention`` node (export, ONNX
+    and AOT compilers key on it)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = qkv(D=8, Dv=8)
+    gm = make_fx(lambda a, b, c: attnswap.attention(a, b, c, kind="sigmoid", impl="cpu"))(q, k, v)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.attnswap.attention.default in targets
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, c: attnswap.attention(a, b, c, kind="relu", impl="cpu"),
+                      backend=backend, fullgraph=True)
+    torch.testing.assert_close(f(q, k, v), attnswap.attention(q, k, v, kind="relu", impl="cpu"))
+    assert any("attnswap" in str(t) for t in seen), seen

@@ -313,9 +313,45 @@ def check_convert_args(*, inplace, inner, dynamic, strict):
 # the op's arguments
 
 
+_OP_ARGS_SEEN: dict = {}
+
+
 def check_op_args(*, kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation,
                   alpha, length, fast_sigmoid, impl) -> dict:
-    """The op's non-tensor arguments, checked and normalized (scale stays None when not given)."""
+    """The op's non-tensor arguments, checked and normalized (scale stays None when not given).
+
+    A converted model calls the op with the same few argument sets on every step: each set is
+    checked once. The key holds every value's type, because ``True == 1 == 1.0`` share a hash
+    and type-strictness is the point."""
+    values = (kind, scale, is_causal, dropout_p, sigmoid_bias, activation, alpha, length,
+              fast_sigmoid, impl)
+    key = None
+    if all(type(x) in _HASHABLE for x in values):
+        key = tuple((type(x), x) for x in values)
+        hit = _OP_ARGS_SEEN.get(key)
+        if hit is not None:
+            _check_seed(dropout_seed)
+            return hit
+    out = _check_op_args(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias,
+                         activation, alpha, length, fast_sigmoid, impl)
+    if key is not None and len(_OP_ARGS_SEEN) < 4096:
+        _OP_ARGS_SEEN[key] = out
+    return dict(out)
+
+
+_HASHABLE = (str, int, float, bool, type(None))
+
+
+def _check_seed(dropout_seed):
+    if not (dropout_seed is None or _is_int(dropout_seed) or (
+            isinstance(dropout_seed, torch.Tensor) and dropout_seed.numel() == 1
+            and not dropout_seed.dtype.is_floating_point and dropout_seed.dtype != torch.bool)):
+        raise AttnswapOptionError("dropout_seed", dropout_seed, "it must be None, an int or a "
+                                  "one-element integer tensor")
+
+
+def _check_op_args(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation,
+                   alpha, length, fast_sigmoid, impl) -> dict:
     out = dict(
         kind=check_kind(kind, name="kind", choices=OP_KINDS),
         scale=check_real("scale", scale, optional=True, nonzero=True,
@@ -331,11 +367,7 @@ def check_op_args(*, kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bi
         fast_sigmoid=check_fast_sigmoid(fast_sigmoid),
     )
     out["impl"] = check_impl(impl, out["kind"], optional=False)
-    if not (dropout_seed is None or _is_int(dropout_seed) or (
-            isinstance(dropout_seed, torch.Tensor) and dropout_seed.numel() == 1
-            and not dropout_seed.dtype.is_floating_point and dropout_seed.dtype != torch.bool)):
-        raise AttnswapOptionError("dropout_seed", dropout_seed, "it must be None, an int or a "
-                                  "one-element integer tensor")
+    _check_seed(dropout_seed)
     if out["impl"] == "sdpa" and out["dropout_p"] > 0:
         raise AttnswapOptionError("impl", impl, "'sdpa' runs without dropout here",
                                   f"use impl='auto' with dropout_p={dropout_p}")
