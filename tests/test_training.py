@@ -75,3 +75,32 @@ def test_kind_trains_and_round_trips(name, kind, options):
         a = case.output_of(converted(*args, **kwargs))
         b = case.output_of(fresh(*args, **kwargs))
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_train_command_prints_the_same_numbers_in_two_fresh_processes(tmp_path):
+    """`attnswap train` with one seed gives the same losses and accuracies, bitwise, in every
+    run and for every kind (issue 14): two processes, started together, compared field by field
+    (wall-clock timings aside)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "attnswap.cli", "train", "--task", "digits",
+                               "--steps", "2", "--eval-every", "2", "--threads", "1",
+                               "--out", str(tmp_path / f"run{i}")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+             for i in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    a, b = (json.loads((tmp_path / f"run{i}" / "train_digits.json").read_text()) for i in (0, 1))
+    assert [r["kind"] for r in a["runs"]] == ["softmax", "sigmoid", "relu", "sas"]
+    timing = ("wall_s", "ms_per_step", "step_ms", "time")
+    for x, y in zip(a["runs"], b["runs"]):
+        for key in x:
+            if any(t in key for t in timing):
+                continue
+            assert x[key] == y[key], f"{x['kind']}: {key} differs between two runs"
+        assert x["losses"] and x["evals"]
