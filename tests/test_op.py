@@ -133,7 +133,7 @@ def test_validation_messages_name_the_argument():
 # dispatch and counters
 
 
-def test_call_counts_and_auto_is_cpu_on_cpu():
+def test_call_counts_and_auto_is_the_cpu_kernel_on_cpu_for_other_kinds():
     q, k, v = qkv(requires_grad=True)
     attnswap.reset_call_counts()
     attnswap.attention(q, k, v, kind="sigmoid", impl="cpu")
@@ -148,6 +148,49 @@ def test_call_counts_and_auto_is_cpu_on_cpu():
     assert attnswap.total_calls() == 4 and attnswap.total_calls("sigmoid") == 2
     attnswap.reset_call_counts()
     assert attnswap.total_calls() == 0
+
+
+FMIN = torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize("mask_case, expected", [
+    ("none", "sdpa"), ("bool-with-empty-row", "sdpa"), ("float-additive", "sdpa"),
+    ("float-neg-inf-row", "sdpa"), ("float-fill-only-row", "cpu"),
+])
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_auto_softmax_runs_sdpa_unless_a_row_is_finite_fills_only(mask_case, expected, path):
+    """``impl='auto'`` runs softmax on SDPA (the baseline), except where SDPA's backward is not
+    exact: a float mask row of finite fills only (HF's padded query rows), whose log-sum-exp
+    rounds back to ``finfo.min``. Outputs and gradients equal the reference either way; the
+    traced op decides on the mask's dtype alone (it cannot read values in its traced backward)."""
+    q, k, v = qkv(B=2, Hq=2, Hkv=2, Tq=5, Tk=5, D=8, Dv=8, requires_grad=True, seed=7)
+    mask = None
+    if mask_case == "bool-with-empty-row":
+        mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+        mask[0, :, 1, :] = False
+        mask[1, :, :, 3:] = False
+    elif mask_case != "none":
+        mask = torch.randn(2, 1, 5, 5, generator=torch.Generator().manual_seed(8))
+        fill = {"float-additive": FMIN, "float-neg-inf-row": float("-inf"),
+                "float-fill-only-row": FMIN}[mask_case]
+        mask[1, :, :, 3:] = fill
+        if mask_case != "float-additive":
+            mask[0, :, 2, :] = fill
+    if path == "op":
+        expected = "cpu" if mask is not None and mask.dtype != torch.bool else "sdpa"
+    go = torch.randn(2, 2, 5, 8, generator=torch.Generator().manual_seed(9))
+    attnswap.reset_call_counts()
+    if path == "eager":
+        out = attnswap.attention(q, k, v, mask, kind="softmax", impl="auto")
+    else:
+        out = attention_op(*op_args(q, k, v, mask, "softmax", "auto"))
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    assert dict(attnswap.call_counts) == {("softmax", expected): 1}
+    ref = attention_reference(q, k, v, mask, kind="softmax")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), go)
+    assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r)
 
 
 def test_env_impl(monkeypatch):

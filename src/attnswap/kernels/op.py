@@ -5,7 +5,9 @@ ONNX translation can key on it) with a fake implementation and a registered auto
 backward is itself an opaque op, ``attnswap::attention_backward``. The implementation dispatches
 on ``impl`` and the device:
 
-* ``"auto"``: CUDA → Triton (softmax without dropout → SDPA, the baseline); CPU → the tiled CPU path.
+* ``"auto"``: softmax without dropout → SDPA (the baseline, on every device) unless a float mask
+  has rows of finite fills only (see :func:`resolve_impl`); otherwise CUDA → Triton, CPU → the
+  tiled CPU path.
 * ``"reference"``: the plain-math oracle (backward by autograd through it).
 * ``"cpu"`` / ``"triton"``: force a kernel (``"triton"`` on CPU needs ``TRITON_INTERPRET=1``).
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` (softmax without dropout only).
@@ -126,14 +128,34 @@ def _mask4d(attn_mask):
 # dispatch
 
 
-def resolve_impl(impl: str, device: torch.device, params: AttentionParams) -> str:
+def _has_fill_only_rows(mask: torch.Tensor) -> bool:
+    """Whether a float mask has a query row whose every entry is a finite fill (``finfo.min``)."""
+    top = mask.amax(-1)
+    return bool(((top <= 0.5 * torch.finfo(mask.dtype).min) & torch.isfinite(top)).any())
+
+
+def resolve_impl(impl: str, device: torch.device, params: AttentionParams, attn_mask=None,
+                 concrete: bool = False) -> str:
+    """The implementation ``impl`` runs as. ``concrete``: ``attn_mask`` holds real values (an
+    eager call), so the choice may read them; a traced op decides on the mask's dtype alone, the
+    same way in its forward and in its (traced) backward."""
     if impl != "auto":
         return impl
-    if device.type == "cuda":
-        if params.kind == "softmax" and params.dropout_p == 0.0:
-            return "sdpa"
-        return "triton"
-    return "cpu"
+    kernel = "triton" if device.type == "cuda" else "cpu"
+    if params.kind != "softmax" or params.dropout_p != 0.0:
+        # Softmax with dropout needs our kernels' seeded dropout (one mask, forward and backward).
+        return kernel
+    # Softmax is what PyTorch's own fused kernels compute (the baseline the other kinds are
+    # measured against): the identity conversion and SAS's softmax run there, except on a float
+    # mask with rows of finite fills only (HF's padded query rows). In the model those fills
+    # absorb the scores (weights softmax(mask row), gradients still flowing into S); SDPA's
+    # backward rebuilds P from a log-sum-exp that rounds back to the row max at finfo.min, so its
+    # gradients there are n times too large. Our kernels keep the row max apart: exact.
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return "sdpa"
+    if concrete and not _has_fill_only_rows(attn_mask):
+        return "sdpa"
+    return kernel
 
 
 def _kernel_module(impl: str):
@@ -232,7 +254,7 @@ def attention_op(
 ) -> torch.Tensor:
     p = _params(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation, alpha,
                 length, fast_sigmoid)
-    ran = resolve_impl(impl, q.device, p)
+    ran = resolve_impl(impl, q.device, p, attn_mask)
     call_counts[(kind, ran)] += 1
     return _forward(q, k, v, _mask4d(attn_mask), p, ran).contiguous()
 
@@ -266,7 +288,7 @@ def attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _params(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation, alpha,
                 length, fast_sigmoid)
-    ran = resolve_impl(impl, q.device, p)
+    ran = resolve_impl(impl, q.device, p, attn_mask)
     mask4 = _mask4d(attn_mask)
     dq, dk, dv, dmask = _backward(grad_out.contiguous(), q, k, v, mask4, out, p, ran, need_mask_grad)
     if need_mask_grad:
@@ -305,7 +327,8 @@ def _attention_backward(ctx, grad_out):
      fast_sigmoid, impl) = ctx.options
     # Resolving the impl needs no seed: reading it (.item()) here would break AOT tracing,
     # where the seed is a fake tensor. Only the recompute path below needs it.
-    ran = resolve_impl(impl, q.device, AttentionParams(kind, scale, is_causal, dropout_p))
+    ran = resolve_impl(impl, q.device, AttentionParams(kind, scale, is_causal, dropout_p),
+                       attn_mask)
     if ran in _RECOMPUTED_IMPLS:
         p = _params(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation,
                     alpha, length, fast_sigmoid)
@@ -422,11 +445,15 @@ def attention(
         else:
             seed = torch.tensor(int(dropout_seed), dtype=torch.int64)
     if _eager_call(q, k, v, attn_mask):
-        ran = resolve_impl(a["impl"], q.device, params)
-        if ran not in _RECOMPUTED_IMPLS:
-            if seed is not None:
-                params = dataclasses.replace(params, dropout_seed=int(seed.item()))
-            return _EagerAttention.apply(q, k, v, attn_mask, params, ran)
+        ran = resolve_impl(a["impl"], q.device, params, attn_mask, concrete=True)
+        if seed is not None:
+            params = dataclasses.replace(params, dropout_seed=int(seed.item()))
+        if ran in _RECOMPUTED_IMPLS:
+            # Differentiable torch code: autograd through it directly is what the op's
+            # backward recomputes, without the recomputation.
+            call_counts[(params.kind, ran)] += 1
+            return _forward(q, k, v, _mask4d(attn_mask), params, ran).contiguous()
+        return _EagerAttention.apply(q, k, v, attn_mask, params, ran)
     return attention_op(
         q, k, v, attn_mask, params.kind, params.scale, params.is_causal, params.dropout_p, seed,
         params.sigmoid_bias, params.activation, params.alpha, params.length, params.fast_sigmoid,

@@ -99,7 +99,14 @@ def fold_masks(masks: Sequence[Mask], scores_shape, *, kind: str = "softmax", dt
             total = torch.where(hide, torch.tensor(value, dtype=total.dtype, device=hide.device),
                                 total)
             replaced = hide if replaced is None else replaced | hide
-        return total, replaced.all(-1, keepdim=True)
+        rows = replaced.all(-1, keepdim=True)
+        # A replaced row holds only fill values (the caller zeroes q there). Shifted so that its
+        # largest is 0, softmax is unchanged, and a kernel's log-sum-exp stays exact: at
+        # finfo.min, ``max + log(sum)`` rounds back to ``max`` and the weights would come out
+        # n times too large (SDPA's backward does exactly that).
+        top = total.amax(-1, keepdim=True)
+        total = torch.where(rows & torch.isfinite(top), total - top, total)
+        return total, rows
     total, attend = None, None
     for m in masks:
         if m[0] == "add":
