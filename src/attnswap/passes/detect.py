@@ -61,6 +61,7 @@ class Site:
     head_axis: int | None = None  # where the head axis sits in q/k/v when not at -3
     broadcast: bool = False  # q/k/v batch shapes differ (a broadcasting matmul)
     is_causal: bool = False
+    causal_mask: bool = False  # report only: the mask seen when compiling was causal (+padding)
     dropout_p: float = 0.0
     gqa_groups: int = 1
     out_dtype: Any = None
