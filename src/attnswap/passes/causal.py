@@ -356,3 +356,33 @@ def observed_causal(site, scores_shape) -> bool:
         return is_causal_visibility(vis, tq, tk)
     except (RuntimeError, TypeError, ValueError):
         return False
+
+
+def observed_causal_mha(call: dict) -> bool:
+    """:func:`observed_causal` for an ``nn.MultiheadAttention`` site (``call``: the arguments of
+    ``multi_head_attention_forward``): its ``attn_mask`` (bool True = not allowed, or added) and
+    ``key_padding_mask`` (bool True = padding, or added), as received in the compiling call."""
+    am_node, kpm_node = call.get("attn_mask"), call.get("key_padding_mask")
+    if am_node is None:
+        return False
+    try:
+        am = observed_tensor(am_node)
+        if am is None or am.dim() not in (2, 3):
+            return False
+        am_vis = ~am if am.dtype == torch.bool else am > 0.5 * torch.finfo(am.dtype).min
+        if kpm_node is not None:
+            kpm = observed_tensor(kpm_node)
+            if kpm is None:
+                return False
+            kpm_vis = ~kpm if kpm.dtype == torch.bool else kpm > 0.5 * torch.finfo(kpm.dtype).min
+            if kpm_vis.dim() == 1:
+                kpm_vis = kpm_vis[None]
+            b = kpm_vis.shape[0]
+            if am_vis.dim() == 3:
+                am_vis = am_vis.reshape(b, -1, *am_vis.shape[-2:])
+            else:
+                am_vis = am_vis[None, None]
+            am_vis = am_vis & kpm_vis[:, None, None, :]
+        return is_causal_visibility(am_vis, am_vis.shape[-2], am_vis.shape[-1])
+    except (RuntimeError, TypeError, ValueError):
+        return False

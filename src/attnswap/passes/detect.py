@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .causal import recognize_causal
+from .causal import observed_causal_mha, recognize_causal
 from .normalize import (
     constant_value,
     example,
@@ -723,6 +723,7 @@ def match_mha(node: fx.Node) -> Site:
     if a.get("attn_mask") is not None:
         site.masks.append(("add", a["attn_mask"], 1.0, None))
     site.mha_call = a
+    site.causal_mask = observed_causal_mha(a)  # report only
     return site
 
 
