@@ -206,11 +206,10 @@ class _Problem:
         if self.mask is not None and not self._free(i0 // self.bq, j0 // self.bk):
             mt, _, _ = self._mask_slice(i0, i1, j0, j1)
             if mt.dtype == torch.bool:
-                vis = mt.to(self.ct)
                 if softmax:
-                    adds.append(self.heads5(vis.log_()))  # log: 1 → 0, 0 → −inf
+                    adds.append(self.heads5(_bool_additive(mt, self.ct)))
                 else:
-                    muls.append(self.heads5(vis))
+                    muls.append(self.heads5(mt.to(self.ct)))
             elif softmax:
                 adds.append(self.heads5(mt.to(self.ct)))
             else:
@@ -291,6 +290,15 @@ class _Problem:
         red = red.transpose(2, 3).reshape(red.shape[0], mh, red.shape[2], red.shape[4])
         _, qs, ks = self._mask_slice(i0, i1, j0, j1)
         dmask[:, :, qs, ks] += red
+
+
+def _bool_additive(mt: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
+    """A bool mask tile as 0 (True) / −inf (False) in ``ct``. fp32: integer ops on the bit
+    pattern (``(m − 1) · 2²³`` is 0 or 0xFF800000, −inf), ~20x cheaper on CPU than ``log`` of
+    the 0/1 floats (~0.5 ms per 256² tile, which put a bool causal mask at ~1.2x is_causal)."""
+    if ct == torch.float32:
+        return (mt.to(torch.int32) - 1).mul_(1 << 23).view(torch.float32)
+    return torch.zeros(mt.shape, dtype=ct).masked_fill_(~mt, float("-inf"))
 
 
 def _tile_minmax(x: torch.Tensor, bq: int, bk: int):
