@@ -122,7 +122,8 @@ def _ids(seed, padded):
 def test_hf_llama_mask_builder_in_graph(attn, padded, causal, monkeypatch):
     """A whole-model capture (the ``torch.compile(backend="attnswap")`` entry point) sees HF's
     mask builders: what the op receives as ``is_causal``. (``convert()`` compiles each attention
-    region on its own; there the mask is an input of the region, opaque, and causal is "no".)"""
+    region on its own; there the mask is an input of the region, opaque: the op gets no
+    is_causal from it, and the report's causal column says "mask" -- tests/test_report_causal.py.)"""
     model = _llama(attn)
     seen = []
     real = site_call.attention

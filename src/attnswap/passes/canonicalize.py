@@ -41,6 +41,14 @@ class SiteRecord:
     # Identity (design §1.3): the region that holds the site and the site's ordinal in its code.
     region: str = ""
     ordinal: int = 0
+    # Report only, never told to a kernel: the site keeps a mask, and the mask it received in the
+    # call that compiled it (convert()'s example call) hid every key after the query (causal,
+    # possibly plus padding); see passes/causal.py observed_causal.
+    causal_mask: bool = False
+    # A tensor factor of the scores (a 0-d tensor scale, a buffer, a learned per-head
+    # temperature, cosine attention's logit scale) was folded into q (or k): ``scale`` is only
+    # the float part of the site's scale.
+    scale_folded: bool = False
 
     def key(self):
         # Recompiles (new lengths, train/eval) meet the same site again: one entry per identity.
@@ -112,6 +120,8 @@ def _record(site: Site, root) -> SiteRecord:
         owner=owner, owner_type=typ, pattern=site.pattern, q_shape=_plain(shape_of(site.q)),
         k_shape=_plain(ks), v_shape=_plain(shape_of(site.v)), scale=site.scale, mask=site.mask_kind, causal=site.is_causal,
         gqa_groups=site.gqa_groups, dropout_p=site.dropout_p, anchor=site.anchor,
+        causal_mask=bool(site.causal_mask) and not site.is_causal,
+        scale_folded=bool(site.q_factors or site.k_factors),
     )
 
 

@@ -15,9 +15,14 @@ When it is exact:
   would not give, so it stays a mask.
 
 Masks that depend on an input (HF's mask builders under regional conversion, where the mask is
-an argument of the attention module) are opaque here: they stay masks, and the report's causal
-column says "no" for them. Buffers are taken as the constants models use them for; a converted
-model whose causal buffer is rewritten in place afterwards would not see the change.
+an argument of the attention module) are opaque here: they stay masks, and the kernels get no
+``is_causal`` from them (the value can change from call to call; the CPU kernel skips the hidden
+tiles of the mask it receives at run time). For the *report* only, :func:`observed_causal`
+classifies the mask the site received in the call that compiled it (dynamo's example inputs,
+during ``convert()`` its example call): when every key after the query is hidden there, the
+site's record says ``causal_mask`` and the report's causal column says "mask". Buffers are taken
+as the constants models use them for; a converted model whose causal buffer is rewritten in
+place afterwards would not see the change.
 """
 
 from __future__ import annotations
@@ -26,37 +31,74 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from .normalize import _placeholder_kind, example
+from .normalize import _placeholder_kind, example, is_mutating
 
 _MAX_NUMEL = 1 << 22  # evaluate masks up to 4M entries at compile time
+_MAX_OBSERVED = 1 << 24  # observe (report only) masks up to 16M entries
+_LOW_FILL = 0.5 * torch.finfo(torch.float16).min  # a finite fill at or below this hides
 _RANDOM = ("rand", "randn", "randint", "bernoulli", "dropout", "normal", "uniform")
 
 
 def constant_tensor(node) -> torch.Tensor | None:
     """The value of ``node`` when it is computed from constants and buffers alone (static
     shapes), else None."""
+    return _evaluate(node, inputs=False)
+
+
+def observed_tensor(node) -> torch.Tensor | None:
+    """The value ``node`` had in the call that compiled its graph: computed from the real tensors
+    dynamo recorded for the graph's inputs (its example inputs), else None (no recorded inputs, a
+    random or in-place op on the way, or too large). A report-only observation: another call may
+    give another value, so nothing the kernels are told may rest on it."""
+    return _evaluate(node, inputs=True)
+
+
+def _hint(value):
+    """A plain int for an int or a SymInt with a hint (the size of the compiling call), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        hint = getattr(value.node, "hint", None)
+        return hint if isinstance(hint, int) else None
+    return None
+
+
+def _evaluate(node, inputs: bool) -> torch.Tensor | None:
     if not isinstance(node, fx.Node):
         return None
+    env = {}
     order, seen, stack = [], set(), [node]
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
+        if inputs:
+            size = _hint(example(n))
+            if size is not None:  # a size: its value in the compiling call, no need to compute it
+                env[n] = size
+                continue
         order.append(n)
         stack.extend(n.all_input_nodes)
-    env = {}
     gm = node.graph.owning_module
     try:
         with torch.no_grad():
             for n in sorted(order, key=_position(node.graph)):
                 ex = example(n)
-                if isinstance(ex, torch.Tensor) and not _small_and_static(ex):
+                if inputs:
+                    if any(is_mutating(u) for u in n.users):
+                        return None  # written in place somewhere: the value at the site differs
+                elif isinstance(ex, torch.Tensor) and not _small_and_static(ex):
                     return None
                 if n.op == "placeholder":
-                    if _placeholder_kind(n) != "buffer":
+                    if not inputs and _placeholder_kind(n) != "buffer":
                         return None
                     value = getattr(n.meta.get("grapharg"), "example", None)
+                    if inputs and _hint(value) is not None:
+                        env[n] = _hint(value)
+                        continue
                     if not isinstance(value, torch.Tensor) or _is_fake(value):
                         return None
                     env[n] = value
@@ -69,12 +111,17 @@ def constant_tensor(node) -> torch.Tensor | None:
                     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
                     if any(r in str(name) for r in _RANDOM) or str(name).endswith("_"):
                         return None
+                    if is_mutating(n):
+                        return None
                     args = map_arg(n.args, env.__getitem__)
                     kwargs = map_arg(n.kwargs, env.__getitem__)
                     if n.op == "call_method":
                         env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
                     else:
                         env[n] = n.target(*args, **kwargs)
+                    out = env[n]
+                    if inputs and isinstance(out, torch.Tensor) and out.numel() > _MAX_OBSERVED:
+                        return None
                 else:
                     return None
     except Exception:  # anything the evaluation cannot do: the mask stays a mask
@@ -193,7 +240,15 @@ def _split_causal(site, scores_shape, tq, tk) -> bool:
 
 
 def recognize_causal(site, scores_shape) -> None:
-    """Turn one constant causal mask entry of ``site`` into ``site.is_causal`` (in place)."""
+    """Turn one constant causal mask entry of ``site`` into ``site.is_causal`` (in place); when
+    the site stays masked, note in ``site.causal_mask`` whether the mask it received in the
+    compiling call was causal (report only, see :func:`observed_causal`)."""
+    _recognize(site, scores_shape)
+    if not site.is_causal and site.masks:
+        site.causal_mask = observed_causal(site, scores_shape)
+
+
+def _recognize(site, scores_shape) -> None:
     if site.is_causal or not site.masks or scores_shape is None:
         return
     if not all(isinstance(s, int) for s in scores_shape) or len(scores_shape) < 2:
@@ -229,3 +284,105 @@ def recognize_causal(site, scores_shape) -> None:
         site.is_causal = True
         return
     _split_causal(site, scores_shape, tq, tk)
+
+
+def _entry_visible(entry, value: torch.Tensor) -> torch.Tensor | None:
+    """Where one mask entry (as observed) lets a score through, as bool; None when unknown.
+    A finite fill as low as ``finfo.min`` hides (a row it fills entirely attends uniformly in
+    the original softmax: those are padding rows); additive finite values are a bias, visible."""
+    kind = entry[0]
+    if kind in ("keep", "fill"):
+        attend = value.bool()
+        attend = ~attend if entry[2] else attend
+        if kind == "keep":
+            return attend
+        # fp16's finfo.min and anything lower (fp32/bf16 finfo.min, -1e30) hides
+        return attend if entry[3] <= _LOW_FILL else torch.ones_like(attend)
+    if value.dtype == torch.bool or not value.is_floating_point():
+        return None
+    coef = entry[2]
+    scaled = value if coef == 1.0 else value * coef
+    return ~(scaled <= 0.5 * torch.finfo(value.dtype).min)
+
+
+def is_causal_visibility(vis: torch.Tensor, tq: int, tk: int) -> bool:
+    """``vis`` (bool, broadcastable to ``[..., tq, tk]``) hides every key after its query --
+    top-left aligned for ``tq == tk``, bottom-right (a decoder's KV cache) for ``tq < tk`` --
+    and the triangle is really there: some key that the first query may not see is seen by a
+    later query (not a key-padding mask that happens to leave only the first keys). Padding
+    on top of the triangle (left or right, per batch element) is still causal."""
+    if vis.dim() < 2 or tq < 2 or tk < tq:
+        return False
+    if vis.shape[-2] not in (1, tq) or vis.shape[-1] not in (1, tk) or vis.shape[-2] == 1:
+        return False
+    vis = vis.expand(*vis.shape[:-2], tq, tk)
+    off = tk - tq
+    future = torch.ones(tq, tk, dtype=torch.bool, device=vis.device).triu(off + 1)
+    if bool((vis & future).any()):
+        return False
+    return bool(vis[..., off + 1:].any())
+
+
+def observed_causal(site, scores_shape) -> bool:
+    """The masks ``site`` received in the call that compiled it (:func:`observed_tensor`) hide
+    every key after the query, together (:func:`is_causal_visibility`). False when any entry is
+    unknown there (an input dynamo recorded no value for, a random op) or too large."""
+    if not site.masks or scores_shape is None or len(scores_shape) < 2:
+        return False
+    shape = tuple(_hint(s) for s in scores_shape)
+    if any(s is None for s in shape):
+        return False
+    tq, tk = shape[-2], shape[-1]
+    vis = None
+    try:
+        for entry in site.masks:
+            value = observed_tensor(entry[1])
+            if value is None:
+                return False
+            at = entry[-1]
+            if at is not None:
+                numel = 1
+                for s in shape:
+                    numel *= s
+                if numel > _MAX_OBSERVED:
+                    return False
+                from ..runtime.site_call import _to_scores
+                at = tuple(_hint(s) if _hint(s) is not None else s for s in at)
+                value = _to_scores(value, at, shape)
+            seen = _entry_visible(entry, value)
+            if seen is None:
+                return False
+            vis = seen if vis is None else vis & seen
+        return is_causal_visibility(vis, tq, tk)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def observed_causal_mha(call: dict) -> bool:
+    """:func:`observed_causal` for an ``nn.MultiheadAttention`` site (``call``: the arguments of
+    ``multi_head_attention_forward``): its ``attn_mask`` (bool True = not allowed, or added) and
+    ``key_padding_mask`` (bool True = padding, or added), as received in the compiling call."""
+    am_node, kpm_node = call.get("attn_mask"), call.get("key_padding_mask")
+    if am_node is None:
+        return False
+    try:
+        am = observed_tensor(am_node)
+        if am is None or am.dim() not in (2, 3):
+            return False
+        am_vis = ~am if am.dtype == torch.bool else am > 0.5 * torch.finfo(am.dtype).min
+        if kpm_node is not None:
+            kpm = observed_tensor(kpm_node)
+            if kpm is None:
+                return False
+            kpm_vis = ~kpm if kpm.dtype == torch.bool else kpm > 0.5 * torch.finfo(kpm.dtype).min
+            if kpm_vis.dim() == 1:
+                kpm_vis = kpm_vis[None]
+            b = kpm_vis.shape[0]
+            if am_vis.dim() == 3:
+                am_vis = am_vis.reshape(b, -1, *am_vis.shape[-2:])
+            else:
+                am_vis = am_vis[None, None]
+            am_vis = am_vis & kpm_vis[:, None, None, :]
+        return is_causal_visibility(am_vis, am_vis.shape[-2], am_vis.shape[-1])
+    except (RuntimeError, TypeError, ValueError):
+        return False

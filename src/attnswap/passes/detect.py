@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .causal import recognize_causal
+from .causal import observed_causal_mha, recognize_causal
 from .normalize import (
     constant_value,
     example,
@@ -61,6 +61,7 @@ class Site:
     head_axis: int | None = None  # where the head axis sits in q/k/v when not at -3
     broadcast: bool = False  # q/k/v batch shapes differ (a broadcasting matmul)
     is_causal: bool = False
+    causal_mask: bool = False  # report only: the mask seen when compiling was causal (+padding)
     dropout_p: float = 0.0
     gqa_groups: int = 1
     out_dtype: Any = None
@@ -723,6 +724,7 @@ def match_mha(node: fx.Node) -> Site:
     if a.get("attn_mask") is not None:
         site.masks.append(("add", a["attn_mask"], 1.0, None))
     site.mha_call = a
+    site.causal_mask = observed_causal_mha(a)  # report only
     return site
 
 

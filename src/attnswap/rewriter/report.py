@@ -1,4 +1,26 @@
-"""ConversionReport: what a conversion found, rewrote and left alone, and why."""
+"""ConversionReport: what a conversion found, rewrote and left alone, and why.
+
+Columns of the sites table (``str(report)``, ``report.table()``):
+
+* ``scale``: the site's float scale; ``·t`` after it (``0.125·t``) when a tensor factor was
+  folded into q or k as well (a 0-d tensor scale, a buffer, a learned per-head temperature,
+  cosine attention's logit scale): the scores are ``scale · t · QKᵀ``. ``to_dict()``:
+  ``scale_folded``.
+* ``mask``: the masks the site keeps (``none``, ``bool``, ``float``, ``bool+float``).
+* ``causal``:
+
+  - ``yes``: the op is called with ``is_causal=True`` (SDPA's flag, or causal structure built
+    from constants in the graph and recognized at compile time); kernels skip the hidden
+    blocks statically. ``to_dict()``: ``causal``.
+  - ``mask``: the site keeps its mask tensor (built outside the compiled region, e.g. HF's mask
+    builders under ``convert()``), and the mask it received in the call that compiled it
+    (``convert()``'s example call) hid every key after its query -- a causal mask, possibly
+    with left or right padding on top. An observation for the report, not a promise: the
+    kernels are not told ``is_causal`` from it (another call may pass another mask); the CPU
+    kernel skips the hidden tiles of whatever mask it receives. ``to_dict()``: ``causal_mask``.
+  - ``no``: neither (bidirectional attention, a mask that lets some query see a later key, or a
+    mask attnswap could not observe).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +33,16 @@ from .site_identity import identity
 
 def _fmt_shape(s):
     return "×".join(str(x) for x in s) if s else "?"
+
+
+def _fmt_scale(r: SiteRecord) -> str:
+    return f"{r.scale:.4g}·t" if getattr(r, "scale_folded", False) else f"{r.scale:.4g}"
+
+
+def _fmt_causal(r: SiteRecord) -> str:
+    if r.causal:
+        return "yes"
+    return "mask" if getattr(r, "causal_mask", False) else "no"
 
 
 @dataclass
@@ -82,8 +114,7 @@ class ConversionReport:
     def rows(self):
         for r in self.sites:
             yield [identity(r.owner, r.ordinal), r.pattern, _fmt_shape(r.q_shape), _fmt_shape(r.k_shape),
-                   f"{r.scale:.4g}", r.mask, "yes" if r.causal else "no", str(r.gqa_groups),
-                   r.kind]
+                   _fmt_scale(r), r.mask, _fmt_causal(r), str(r.gqa_groups), r.kind]
 
     def table(self):
         """A rich Table (falls back to plain text in ``__str__`` without rich)."""

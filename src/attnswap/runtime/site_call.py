@@ -108,10 +108,14 @@ def fold_masks(masks: Sequence[Mask], scores_shape, *, kind: str = "softmax", dt
         total = torch.where(rows & torch.isfinite(top), total - top, total)
         return total, rows
     total, attend = None, None
+    # One additive mask with coefficient 1 goes to the op as it is: the op hides the same
+    # entries (at most half its dtype's lowest value), and marking them -inf here would cost
+    # a few full passes over a [B, 1, T, T] mask on every call.
+    lone = sum(1 for m in masks if m[0] == "add") == 1
     for m in masks:
         if m[0] == "add":
             t = _to_scores(m[1], m[3], scores_shape)
-            if not softmax and t.dtype != torch.bool:
+            if not softmax and t.dtype != torch.bool and not (lone and m[2] == 1.0):
                 hidden = _float_masked(t)  # decided before rescaling (a mask added before 1/√d)
                 t = t * m[2] if m[2] != 1.0 else t
                 t = t.masked_fill(hidden, float("-inf"))
