@@ -93,10 +93,10 @@ def validate_inputs(q, k, v, attn_mask) -> None:
         if attn_mask.dim() > 4:
             raise ValueError(f"attn_mask must have at most 4 dims; got shape {_shape(attn_mask)}")
         target = (B, Hq, Tq, k.shape[2])
-        try:
-            if torch.broadcast_shapes(_shape(attn_mask), target) != target:
-                raise RuntimeError
-        except RuntimeError:
+        # SDPA's rule (aligned from the right, each dim 1 or the scores'), checked by hand:
+        # torch.broadcast_shapes runs ~60 µs of Python per call, more than small kernels.
+        ms = attn_mask.shape
+        if not all(m == 1 or m == t for m, t in zip(ms, target[4 - len(ms):])):
             raise ValueError(
                 f"attn_mask of shape {_shape(attn_mask)} does not broadcast to the scores' shape "
                 f"[B, Hq, Tq, Tk] = {list(target)}"
@@ -450,9 +450,12 @@ def attention(
             params = dataclasses.replace(params, dropout_seed=int(seed.item()))
         if ran in _RECOMPUTED_IMPLS:
             # Differentiable torch code: autograd through it directly is what the op's
-            # backward recomputes, without the recomputation.
+            # backward recomputes, without the recomputation. Its output keeps SDPA's own
+            # strides ([B, T, H, D] in memory on CPU), as the model's own SDPA call would: the
+            # model's ``transpose(1, 2).reshape(B, T, H·D)`` is then free, where a contiguous
+            # copy here would cost two copies per layer.
             call_counts[(params.kind, ran)] += 1
-            return _forward(q, k, v, _mask4d(attn_mask), params, ran).contiguous()
+            return _forward(q, k, v, _mask4d(attn_mask), params, ran)
         return _EagerAttention.apply(q, k, v, attn_mask, params, ran)
     return attention_op(
         q, k, v, attn_mask, params.kind, params.scale, params.is_causal, params.dropout_p, seed,
