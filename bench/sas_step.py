@@ -64,14 +64,18 @@ def build(task, kind: str, seed: int, lr: float):
     return model, opt
 
 
-def step_fn(task, model, opt):
+def step_fn(task, model, opt, opt_times=None):
     def step(batch):
         t = time.perf_counter()
         loss = task.loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        t_opt = time.perf_counter()
         opt.step()
-        return time.perf_counter() - t
+        end = time.perf_counter()
+        if opt_times is not None:
+            opt_times.append(end - t_opt)
+        return end - t
     return step
 
 
@@ -99,69 +103,47 @@ def site_shapes(task_name: str, batch: int):
 
 def breakdown(task_name: str, batch: int, rounds: int):
     """fwd+bwd ms of SAS's pieces at one site's shapes; interleaved rounds, medians."""
+    import torch.nn.functional as F
+
     from attnswap.kernels.op import attention
-    from attnswap.runtime.sas import SAS
+    from attnswap.runtime.sas import SAS, _group_mean
 
     B, H, T, D, causal = site_shapes(task_name, batch)
     torch.manual_seed(0)
     sas = SAS(H, H, D, init="random")
+    r, D2 = sas.ratio, sas.dim
     # q, k, v as a projection makes them: [B, T, H, D] transposed to [B, H, T, D]
-    base = [torch.randn(B, T, H, D).transpose(1, 2).requires_grad_(True) for _ in range(3)]
-    q, k, v = base
+    q, k, v = (torch.randn(B, T, H, D).transpose(1, 2).requires_grad_(True) for _ in range(3))
     scale = D ** -0.5
-    opts = {"impl": "auto"}
+    mask = None
+    if causal:  # HF GPT-2 (eager) hands its causal mask over as a float [B, 1, T, T]
+        tri = torch.ones(T, T, dtype=torch.bool).tril()
+        mask = torch.zeros(T, T).masked_fill(~tri, torch.finfo(torch.float32).min)
+        mask = mask.expand(B, 1, T, T)
+    expand = getattr(sas, "expand", None) or (
+        lambda q, k, v: (sas.q_dim(sas.q_heads(q)), sas.k_dim(sas.k_heads(k)), sas.v_heads(v)))
     with torch.no_grad():
-        q2 = sas.q_dim(sas.q_heads(q)).requires_grad_(True)
-        k2 = sas.k_dim(sas.k_heads(k)).requires_grad_(True)
-        v2 = sas.v_heads(v).requires_grad_(True)
-        qh = sas.q_heads(q).requires_grad_(True)
-        kh = sas.k_heads(k).requires_grad_(True)
-        out2 = attention(q2, k2, v2, kind="softmax", scale=scale, is_causal=causal)
-    out2 = out2.requires_grad_(True)
-    r = sas.ratio
+        q2, k2, v2 = (t.detach().requires_grad_(True) for t in expand(q, k, v))
+    v2p = F.pad(v2.detach().transpose(1, 2), (0, D2 - D)).transpose(1, 2).requires_grad_(True)
+    out2 = attention(q2, k2, v2p, mask, kind="softmax", scale=scale).detach()
+    out2.requires_grad_(True)
 
-    def bwd(y):
-        y.backward(torch.ones_like(y))
+    def bwd(*ys):
+        torch.autograd.backward(list(ys), [torch.ones_like(y) for y in ys])
 
-    def heads_q():
-        bwd(sas.q_heads(q))
-
-    def heads_kv():
-        bwd(sas.k_heads(k))
-        bwd(sas.v_heads(v))
-
-    def dims_qk():
-        bwd(sas.q_dim(qh))
-        bwd(sas.k_dim(kh))
-
-    def expansions():
-        if hasattr(sas, "expand_qkv"):
-            q_, k_, v_ = sas.expand_qkv(q, k, v)
-            torch.autograd.backward([q_, k_, v_], [torch.ones_like(q_), torch.ones_like(k_),
-                                                   torch.ones_like(v_)])
-        else:
-            torch.autograd.backward(
-                [sas.q_dim(sas.q_heads(q)), sas.k_dim(sas.k_heads(k)), sas.v_heads(v)],
-                [torch.ones(B, r * H, T, sas.dim), torch.ones(B, r * H, T, sas.dim),
-                 torch.ones(B, r * H, T, D)])
-
-    def attn_expanded():
-        bwd(attention(q2, k2, v2, kind="softmax", scale=scale, is_causal=causal))
-
-    def group_mean():
-        bwd(out2.view(B, r, H, T, D).mean(1))
-
-    def whole():
-        bwd(sas(q, k, v, None, scale=scale, is_causal=causal, dropout_p=0.0, options=opts))
-
-    def attn_softmax():
-        bwd(attention(q, k, v, kind="softmax", scale=scale, is_causal=causal))
-
-    parts = {"head expansion q": heads_q, "head expansions k+v": heads_kv,
-             "dim expansions q+k": dims_qk, "all q/k/v expansions (as SAS runs them)": expansions,
-             f"softmax on {r * H} heads, D'={sas.dim}": attn_expanded,
-             "group mean": group_mean, "SAS site total": whole,
-             f"softmax site ({H} heads, D={D})": attn_softmax}
+    parts = {
+        "q/k/v head + dim expansions": lambda: bwd(*expand(q, k, v)),
+        f"softmax on {r * H} heads, q/k D'={D2}, v D={D} (SDPA math path)":
+            lambda: bwd(attention(q2, k2, v2, mask, kind="softmax", scale=scale)),
+        f"softmax on {r * H} heads, q/k/v D'={D2} (v zero-padded, fused SDPA)":
+            lambda: bwd(attention(q2, k2, v2p, mask, kind="softmax", scale=scale)),
+        "slice + group mean (before)": lambda: bwd(out2[..., :D].unflatten(1, (r, H)).mean(1)),
+        "slice + group mean (_group_mean)": lambda: bwd(_group_mean(out2, r, D)),
+        "SAS site total": lambda: bwd(sas(q, k, v, mask, scale=scale, is_causal=False,
+                                          dropout_p=0.0, options={})),
+        f"softmax site ({H} heads, D={D})": lambda: bwd(attention(q, k, v, mask, kind="softmax",
+                                                                  scale=scale)),
+    }
     times = {name: [] for name in parts}
     for fn in parts.values():
         for _ in range(3):
@@ -178,7 +160,9 @@ def run_task(name: str, rounds: int, seed: int = 0):
     batch = 64 if name == "digits" else 32
     task = TASKS[name](seed, batch)
     lr = task.defaults["lr"]
-    arms = {kind: step_fn(task, *build(task, kind, seed, lr)) for kind in ("softmax", "sas")}
+    opt_times = {kind: [] for kind in ("softmax", "sas")}
+    arms = {kind: step_fn(task, *build(task, kind, seed, lr), opt_times[kind])
+            for kind in opt_times}
     g = torch.Generator().manual_seed(seed + 1)
     batches = [task.sample(g, batch) for _ in range(8)]
     times = {kind: [] for kind in arms}
@@ -189,7 +173,9 @@ def run_task(name: str, rounds: int, seed: int = 0):
         order = list(arms.items()) if i % 2 == 0 else list(arms.items())[::-1]
         for kind, fn in order:
             times[kind].append(fn(batches[i % len(batches)]))
-    return batch, {kind: median_ms(ts) for kind, ts in times.items()}, times
+    med = {kind: median_ms(ts) for kind, ts in times.items()}
+    med.update({f"{kind} optimizer": median_ms(ts[-rounds:]) for kind, ts in opt_times.items()})
+    return batch, med, times
 
 
 def main(argv=None):
@@ -208,7 +194,8 @@ def main(argv=None):
               f"{torch.get_num_threads()} thread(s), fp32; load average {loadavg()}")
     names = ("text", "digits") if args.task == "both" else (args.task,)
     table = Table(title=f"training step, median of {args.rounds} interleaved rounds")
-    for col in ("task", "shapes", "softmax ms", "SAS ms", "SAS / softmax", "load"):
+    for col in ("task", "shapes", "softmax ms", "SAS ms", "SAS / softmax", "AdamW step ms "
+                "(softmax / SAS)", "load"):
         table.add_column(col, justify="left" if col in ("task", "shapes") else "right")
     breakdowns = []
     for name in names:
@@ -216,7 +203,8 @@ def main(argv=None):
         B, H, T, D, causal = site_shapes(name, batch)
         table.add_row(name, f"B={B} H={H} T={T} D={D}{' causal' if causal else ''}, 2 layers",
                       f"{med['softmax']:.1f}", f"{med['sas']:.1f}",
-                      f"{med['sas'] / med['softmax']:.2f}x", loadavg())
+                      f"{med['sas'] / med['softmax']:.2f}x",
+                      f"{med['softmax optimizer']:.2f} / {med['sas optimizer']:.2f}", loadavg())
         if args.breakdown:
             breakdowns.append((name, med, *breakdown(name, batch, max(args.rounds, 20))))
     con.print(table)
@@ -231,6 +219,8 @@ def main(argv=None):
             t.add_row(piece, f"{ms:.2f}", f"{2 * ms:.2f}")
         rest = med["softmax"] - 2 * parts[[p for p in parts if p.startswith("softmax site")][0]]
         t.add_row("rest of the softmax step (step - 2 softmax sites)", f"{rest:.2f}", "")
+        t.add_row("SAS step predicted (rest + 2 SAS sites)",
+                  f"{rest + 2 * parts['SAS site total']:.2f}", "")
         con.print(t)
 
 
