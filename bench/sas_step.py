@@ -30,18 +30,12 @@ import warnings
 import torch
 
 import attnswap
+from attnswap.study.runner import _cpu_name
 from attnswap.training import TASKS, options_for
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpu_name()
 
 
 def loadavg() -> str:
