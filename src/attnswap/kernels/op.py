@@ -130,8 +130,8 @@ def _mask4d(attn_mask):
 
 def _has_fill_only_rows(mask: torch.Tensor) -> bool:
     """Whether a float mask has a query row whose every entry is a finite fill (``finfo.min``)."""
-    top = mask.amax(-1)
-    return bool(((top <= 0.5 * torch.finfo(mask.dtype).min) & torch.isfinite(top)).any())
+    top = mask.amax(-1)  # a row is all fills when its largest entry is one (and not -inf)
+    return bool((reference.float_mask_is_masked(top) & torch.isfinite(top)).any())
 
 
 def resolve_impl(impl: str, device: torch.device, params: AttentionParams, attn_mask=None,
