@@ -4,31 +4,13 @@ installed ``attnswap`` console script (next to ``sys.executable``). Tiny setting
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("rich")
 
-SCRIPT = Path(sys.executable).with_name("attnswap")
-ENTRY = {
-    "module": [sys.executable, "-m", "attnswap.cli"],
-    "script": [str(SCRIPT)],
-}
-
-
-def run(how, *args, cwd=None, timeout=300):
-    if how == "script" and not SCRIPT.exists():
-        pytest.skip(f"console script not installed at {SCRIPT} (pip install -e .)")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    return subprocess.run(ENTRY[how] + [str(a) for a in args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
+from cli_run import run  # noqa: E402
 
 # Each case through one entry point (both are covered; every call pays for importing torch).
 BAD = {

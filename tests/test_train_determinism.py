@@ -9,22 +9,19 @@ commands, not about calls inside one interpreter), with the default thread count
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip("rich")
 
+from cli_run import run  # noqa: E402
+
 KINDS = ["softmax", "sigmoid", "relu", "sas"]
 
 
 def _train(task: str, out) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "attnswap.cli", "train", "--task", task, "--attention", *KINDS,
-           "--steps", "3", "--batch-size", "8", "--seed", "3", "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = run("module", "train", "--task", task, "--attention", *KINDS, "--steps", 3,
+            "--batch-size", 8, "--seed", 3, "--out", out, timeout=600)
     assert r.returncode == 0, r.stderr
     return json.loads((out / f"train_{task}.json").read_text())
 
