@@ -54,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import cpu_fused
 from .dropout import keep_from_index, tile_keep_mask
 from .params import LENGTH_KEYS, LENGTH_VISIBLE, AttentionParams
 from .reference import compute_dtype, float_mask_is_masked
@@ -915,8 +916,18 @@ def _tiles_of(mask, p: AttentionParams):
     return lambda bq, bk: mask_tiles_cached(mask, p.kind, bq, bk)
 
 
+def _fused_path(pass_: str, q, k, v, attn_mask, p: AttentionParams, need_mask_grad=False):
+    """Whether the fused kernel takes this pass; counted either way, with the reason."""
+    why = cpu_fused.unsupported(q, k, v, attn_mask, p, need_mask_grad)
+    cpu_fused.path_counts[(pass_, "fused" if why is None else f"tiled: {why}")] += 1
+    return why is None
+
+
 def forward(q, k, v, attn_mask, p: AttentionParams) -> torch.Tensor:
-    """Attention of kind ``p.kind``: ``out [B, Hq, Tq, Dv]`` in q's dtype."""
+    """Attention of kind ``p.kind``: ``out [B, Hq, Tq, Dv]`` in q's dtype. Sigmoid and ReLU run
+    the fused kernel (``cpu_fused``) whenever it supports the call."""
+    if _fused_path("forward", q, k, v, attn_mask, p):
+        return cpu_fused.forward(q, k, v, attn_mask, p)
     tiles = _tiles_of(attn_mask, p)
     q, k, v = q.detach(), k.detach(), v.detach()
     attn_mask = attn_mask.detach() if attn_mask is not None else None
@@ -941,6 +952,9 @@ def backward(grad_out, q, k, v, attn_mask, out, p: AttentionParams, need_mask_gr
     """(dq, dk, dv, dmask or None); dmask has ``attn_mask``'s shape (float masks only)."""
     need_mask_grad = bool(need_mask_grad and attn_mask is not None
                           and attn_mask.dtype.is_floating_point)
+    if _fused_path("backward", q, k, v, attn_mask, p, need_mask_grad):
+        dq, dk, dv = cpu_fused.backward(grad_out, q, k, v, attn_mask, p)
+        return dq, dk, dv, None
     tiles = _tiles_of(attn_mask, p)
     grad_out, q, k, v = (t.detach() for t in (grad_out, q, k, v))
     attn_mask = attn_mask.detach() if attn_mask is not None else None

@@ -1,0 +1,269 @@
+"""The fused CPU kernel (``attention.cpp``): sigmoid and ReLU attention, forward and backward.
+
+``impl="cpu"`` (and ``"auto"`` on CPU for sigmoid/ReLU) runs this kernel whenever
+:func:`unsupported` finds nothing it lacks; otherwise the tiled torch kernel in ``cpu.py`` runs
+the call, with the same results. Which of the two ran, and why, is counted per pass in
+:data:`path_counts` (``("forward", "fused")``, ``("backward", "tiled: dropout")``...), and a
+kernel that cannot be built on this machine is reported by one :class:`FusedKernelWarning` per
+process naming the compiler's error. ``ATTNSWAP_CPU_FUSED=0`` turns it off.
+
+What it lacks (the tiled kernel has them): dropout, ``length="visible"``, gradients for a float
+mask that requires grad, float64, softmax (which ``impl="auto"`` runs on SDPA anyway).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import warnings
+import weakref
+
+import torch
+
+from ..params import LENGTH_VISIBLE, AttentionParams
+from ..reference import ACTIVATIONS
+from .build import FusedBuildError, load
+
+ENV_FUSED = "ATTNSWAP_CPU_FUSED"
+# Query rows x keys per tile: a 64 x 512 fp32 score tile (128 KiB) and its gradient stay in a
+# core's L2 from one matmul to the next. The forward and the backward use one grid, so the mask
+# tile classes computed for the forward serve the backward.
+BLOCK_Q = 64
+BLOCK_K = 512
+# With a causal pattern the diagonal tiles do up to block_k/2 wasted columns per row.
+BLOCK_K_CAUSAL = 256
+
+path_counts: collections.Counter = collections.Counter()
+
+
+class FusedKernelWarning(UserWarning):
+    """The fused CPU kernel is unavailable; the tiled kernel runs instead."""
+
+
+class _Problem(ctypes.Structure):
+    _fields_ = [
+        ("B", ctypes.c_int64), ("Hq", ctypes.c_int64), ("Hkv", ctypes.c_int64),
+        ("Tq", ctypes.c_int64), ("Tk", ctypes.c_int64), ("D", ctypes.c_int64),
+        ("Dv", ctypes.c_int64),
+        ("q", ctypes.c_void_p), ("qs", ctypes.c_int64 * 3),
+        ("k", ctypes.c_void_p), ("ks", ctypes.c_int64 * 3),
+        ("v", ctypes.c_void_p), ("vs", ctypes.c_int64 * 3),
+        ("mask", ctypes.c_void_p), ("mask_bool", ctypes.c_int), ("ms", ctypes.c_int64 * 4),
+        ("mask_thr", ctypes.c_float),
+        ("tiles", ctypes.c_void_p), ("ts", ctypes.c_int64 * 4),
+        ("kind", ctypes.c_int), ("act", ctypes.c_int),
+        ("scale", ctypes.c_float), ("bias", ctypes.c_float), ("factor", ctypes.c_float),
+        ("causal", ctypes.c_int), ("bq", ctypes.c_int), ("bk", ctypes.c_int),
+        ("threads", ctypes.c_int),
+    ]
+
+
+_warned = False
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_FUSED, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def library():
+    """The loaded kernel, or None after one warning per process saying why not."""
+    global _warned
+    try:
+        return load()
+    except FusedBuildError as e:
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"attnswap: the fused CPU kernel is unavailable ({e}); impl='cpu' runs the tiled "
+                f"torch kernel instead (same results, slower). Install g++ to get it, or set "
+                f"{ENV_FUSED}=0 to choose the tiled kernel and silence this.",
+                FusedKernelWarning, stacklevel=3)
+        return None
+
+
+_MAX_INT = 2**31 - 1  # BLAS dimensions and leading dimensions are 32-bit ints
+
+
+def unsupported(q, k, v, mask, p: AttentionParams, need_mask_grad: bool = False) -> str | None:
+    """Why the fused kernel cannot run this call (None: it can)."""
+    if not enabled():
+        return f"{ENV_FUSED}=0"
+    if p.kind not in ("sigmoid", "relu"):
+        return f"kind={p.kind}"
+    if p.dropout_p > 0.0:
+        return "dropout"
+    if p.kind == "relu" and p.length == LENGTH_VISIBLE:
+        return "length='visible'"
+    if need_mask_grad:
+        return "mask gradient"
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype}"
+    if q.device.type != "cpu":
+        return f"device {q.device.type}"
+    if 0 in q.shape or 0 in k.shape or v.shape[-1] == 0:
+        return "empty"
+    if max(q.shape[2], k.shape[2], q.shape[3], v.shape[3]) > _MAX_INT // 64:
+        return "size"
+    if library() is None:
+        return "not built"
+    return None
+
+
+def block_sizes(causal: bool) -> tuple[int, int]:
+    env = os.environ.get("ATTNSWAP_CPU_BLOCK", "").strip()
+    if env:
+        from ..cpu import block_sizes as tiled_block_sizes
+
+        return tiled_block_sizes(1)  # the same override (and its error) as the tiled kernel
+    return BLOCK_Q, (BLOCK_K_CAUSAL if causal else BLOCK_K)
+
+
+def threads() -> int:
+    from ..cpu import num_workers
+
+    return max(1, num_workers())
+
+
+# ----------------------------------------------------------------------------------------------
+# operands
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 with a unit head-dim stride (any batch/head/token strides: BLAS takes them)."""
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if t.stride(-1) != 1 and t.shape[-1] != 1:
+        t = t.contiguous()
+    return t
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    s = t.stride()
+    # A dim of size 1 is never stepped along, but BLAS wants a leading dimension >= the row.
+    tok = s[2] if t.shape[2] > 1 else t.shape[3]
+    return s[0], s[1], max(tok, t.shape[3])
+
+
+def _mask_operand(mask: torch.Tensor, Tk: int):
+    """(tensor, is_bool, threshold): the mask as bytes or fp32 with a unit key stride."""
+    if mask.dtype == torch.bool:
+        thr = 0.0
+    else:
+        thr = 0.5 * torch.finfo(mask.dtype).min  # reference.float_mask_is_masked
+        if mask.dtype != torch.float32:
+            mask = mask.to(torch.float32)
+    if mask.shape[3] != Tk or mask.stride(3) != 1:
+        mask = mask.expand(*mask.shape[:3], Tk).contiguous()
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return mask, mask.dtype == torch.uint8, thr
+
+
+def _broadcast_strides(t: torch.Tensor) -> list[int]:
+    return [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+
+
+_tile_cache: dict = {}
+_TILE_CACHE_SIZE = 8
+
+
+def _classify(lib, m: torch.Tensor, is_bool: bool, thr: float, bq: int, bk: int):
+    Bm, Hm, R, C = m.shape
+    tr, tc = (bq if R > 1 else 1), (bk if C > 1 else 1)
+    out = torch.empty(Bm, Hm, -(-R // tr), -(-C // tc), dtype=torch.uint8)
+    ms = (ctypes.c_int64 * 4)(*_broadcast_strides(m))
+    lib.attnswap_classify_mask(m.data_ptr(), int(is_bool), Bm, Hm, R, C, ms, thr, bq, bk,
+                               out.data_ptr(), threads())
+    return out
+
+
+def _tile_classes(lib, mask, m, is_bool, thr, bq, bk):
+    """The mask's tile classes, remembered per mask object and version (HF passes one mask
+    object to every layer, and the backward gets the forward's)."""
+    key = (bq, bk)
+    if mask.is_inference():
+        return _classify(lib, m, is_bool, thr, bq, bk)
+    ent = _tile_cache.get(id(mask))
+    if ent is None or ent[0]() is not mask or ent[1] != mask._version:
+        while len(_tile_cache) >= _TILE_CACHE_SIZE:
+            _tile_cache.pop(next(iter(_tile_cache)))
+        ent = (weakref.ref(mask), mask._version, {})
+        _tile_cache[id(mask)] = ent
+    res = ent[2].get(key)
+    if res is None:
+        res = ent[2][key] = _classify(lib, m, is_bool, thr, bq, bk)
+    return res
+
+
+def _problem(lib, q, k, v, mask, p: AttentionParams):
+    """The C struct for one call, and the tensors it points into (kept alive by the caller)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    causal = p.is_causal
+    bq, bk = block_sizes(causal or mask is not None)
+    bq, bk = min(bq, Tq), min(bk, Tk)
+    pr = _Problem()
+    pr.B, pr.Hq, pr.Hkv, pr.Tq, pr.Tk, pr.D, pr.Dv = B, Hq, Hkv, Tq, Tk, D, Dv
+    keep = [q, k, v]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        setattr(pr, name, t.data_ptr())
+        setattr(pr, name[0] + "s", (ctypes.c_int64 * 3)(*_strides3(t)))
+    pr.mask = None
+    if mask is not None:
+        m, is_bool, thr = _mask_operand(mask, Tk)
+        tiles = _tile_classes(lib, mask, m, is_bool, thr, bq, bk)
+        keep += [m, tiles]
+        pr.mask, pr.mask_bool, pr.mask_thr = m.data_ptr(), int(is_bool), thr
+        pr.ms = (ctypes.c_int64 * 4)(*_broadcast_strides(m.expand(B, Hq, Tq, Tk)))
+        pr.tiles = tiles.data_ptr()
+        pr.ts = (ctypes.c_int64 * 4)(*_broadcast_strides(tiles))
+    pr.kind = 0 if p.kind == "sigmoid" else 1
+    pr.act = ACTIVATIONS.index(p.activation) if p.kind == "relu" else ACTIVATIONS.index("sigmoid")
+    pr.scale = p.scale
+    pr.bias = p.sigmoid_b(Tk) if p.kind == "sigmoid" else 0.0
+    pr.factor = _relu_factor(p, Tk) if p.kind == "relu" else 1.0
+    pr.causal = int(causal)
+    pr.bq, pr.bk = bq, bk
+    pr.threads = threads()
+    return pr, keep
+
+
+def _relu_factor(p: AttentionParams, Tk: int) -> float:
+    n = float(Tk) if p.length == 0 else float(p.length)
+    return n ** (-p.alpha) if n > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# entry points (called by cpu.py once unsupported() said None)
+
+
+def forward(q, k, v, mask, p: AttentionParams) -> torch.Tensor:
+    lib = load()
+    q32, k32, v32 = _f32(q.detach()), _f32(k.detach()), _f32(v.detach())
+    mask = mask.detach() if mask is not None else None
+    pr, keep = _problem(lib, q32, k32, v32, mask, p)
+    out = torch.empty(*q.shape[:3], v.shape[3], dtype=torch.float32)
+    lib.attnswap_forward(ctypes.byref(pr), out.data_ptr())
+    del keep
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def backward(grad_out, q, k, v, mask, p: AttentionParams):
+    lib = load()
+    q32, k32, v32 = _f32(q.detach()), _f32(k.detach()), _f32(v.detach())
+    do32 = _f32(grad_out.detach())
+    mask = mask.detach() if mask is not None else None
+    pr, keep = _problem(lib, q32, k32, v32, mask, p)
+    dq = torch.empty(q.shape, dtype=torch.float32)
+    dk = torch.empty(k.shape, dtype=torch.float32)
+    dv = torch.empty(v.shape, dtype=torch.float32)
+    dos = (ctypes.c_int64 * 3)(*_strides3(do32))
+    lib.attnswap_backward(ctypes.byref(pr), do32.data_ptr(), dos, dq.data_ptr(), dk.data_ptr(),
+                          dv.data_ptr())
+    del keep
+    return dq, dk, dv
+
+
+__all__ = ["forward", "backward", "unsupported", "path_counts", "FusedKernelWarning",
+           "FusedBuildError", "ENV_FUSED", "BLOCK_Q", "BLOCK_K", "BLOCK_K_CAUSAL"]
