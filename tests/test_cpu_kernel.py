@@ -1,4 +1,6 @@
-"""The tiled CPU kernel (``impl="cpu"``) against the plain-math oracle, ``kernels/reference.py``.
+"""The tiled CPU kernel (``impl="cpu"`` with the fused kernel switched off: this file is the tiled
+kernel's; ``test_cpu_fused_kernel.py`` is the fused one's) against the plain-math oracle,
+``kernels/reference.py``.
 
 Every case runs the op forward and backward (q, k, v and, for float masks that require grad, the
 mask) and compares with autograd through ``attention_reference`` computed in fp32 (fp64 for fp64)
@@ -21,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnswap
-from attnswap.kernels import cpu
+from attnswap.kernels import cpu, cpu_fused
 from attnswap.kernels.dropout import dropout_keep_mask
 from attnswap.kernels.reference import ACTIVATIONS, attention_reference
 from tolerances import assert_close
@@ -32,8 +34,9 @@ MASKS = ("none", "bool", "float", "float_min", "float_inf")
 
 @pytest.fixture(autouse=True)
 def tiny_tiles(monkeypatch):
-    """Tiles smaller than every length used here, and not dividing them."""
+    """Tiles smaller than every length used here, and not dividing them; the tiled kernel."""
     monkeypatch.setenv(cpu.ENV_BLOCK, "4,8")
+    monkeypatch.setenv(cpu_fused.ENV_FUSED, "0")
 
 
 @contextlib.contextmanager

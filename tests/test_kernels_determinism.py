@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnswap import attention
-from attnswap.kernels import cpu
+from attnswap.kernels import cpu, cpu_fused
 
 
 @pytest.mark.parametrize("kind,kw", [("softmax", {}), ("sigmoid", {}),
@@ -19,6 +19,7 @@ from attnswap.kernels import cpu
 def test_cpu_pool_results_are_bitwise_repeatable(monkeypatch, kind, kw):
     monkeypatch.setenv(cpu.ENV_THREADS, "3")  # more workers than cores: finishing order varies
     monkeypatch.setenv(cpu.ENV_BLOCK, "32")
+    monkeypatch.setenv(cpu_fused.ENV_FUSED, "0")  # the tiled kernel's pool is what this tests
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, T, D = 1, 6, 2, 96, 16  # 3 query heads per kv head: groups split across tasks
     monkeypatch.setattr(cpu, "PARALLEL_MIN_SCORES", 1)  # always take the pool

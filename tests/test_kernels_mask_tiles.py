@@ -10,11 +10,18 @@ import pytest
 import torch
 
 from attnswap import attention
-from attnswap.kernels import cpu
+from attnswap.kernels import cpu, cpu_fused
 from attnswap.kernels.reference import attention_reference
 from tolerances import assert_close
 
 MIN = torch.finfo(torch.float32).min
+
+
+@pytest.fixture(autouse=True, params=["fused", "tiled"])
+def cpu_path(request, monkeypatch):
+    """Both CPU kernels skip hidden tiles (the fused one classifies tiles in C++)."""
+    monkeypatch.setenv(cpu_fused.ENV_FUSED, "1" if request.param == "fused" else "0")
+    return request.param
 
 
 def _inputs(B=2, H=2, T=80, D=16, seed=0):
