@@ -1,10 +1,13 @@
-"""CPU attention benchmark: the tiled CPU kernel (sigmoid, ReLU) against SDPA and the reference.
+"""CPU attention benchmark: the CPU kernels (sigmoid, ReLU) against SDPA and the reference.
 
 For each sequence length T (B=1, H=8, D=64, fp32 by default), non-causal and causal, it measures
 forward+backward wall time of
 
 * ``sdpa``: ``F.scaled_dot_product_attention`` (softmax), the baseline, in the same run;
-* ``sigmoid`` / ``relu``: ``attnswap.attention(..., impl="cpu")`` (what users get on CPU);
+* ``sigmoid`` / ``relu``: ``attnswap.attention(..., impl="cpu")`` (what users get on CPU: the
+  fused C++ kernel, ``kernels/cpu_fused``; the run checks that it, not the tiled one, ran);
+* ``tiled-sigmoid`` / ``tiled-relu`` (``--tiled``): the same call with ``ATTNSWAP_CPU_FUSED=0``,
+  the tiled torch kernel (``kernels/cpu.py``);
 * ``ref-sigmoid`` / ``ref-relu``: ``attention_reference`` through autograd (materializes T×T);
 
 and prints the ratios (wall time, and process CPU time alongside). Everything is warmed up once
@@ -23,6 +26,7 @@ Usage::
     python bench/cpu_attention.py                      # T = 512 … 8192: 2–6 min on 2 cores
     python bench/cpu_attention.py --T 1024,2048 --repeats 5 --no-memory
     python bench/cpu_attention.py --threads 1 --markdown /tmp/cpu_bench.md
+    python bench/cpu_attention.py --threads 1 --T 512,1024,2048 --no-memory --tiled
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import attnswap
+from attnswap.kernels import cpu_fused
 from attnswap.kernels.reference import attention_reference
 
 KINDS = ("sigmoid", "relu")
@@ -87,14 +92,22 @@ def impl_fn(name: str, causal: bool):
                 return dq, dk, dv
 
         return _Direct.apply
-    return lambda q, k, v: attnswap.attention(q, k, v, kind=name, is_causal=causal, impl="cpu")
+    kind = name[6:] if name.startswith("tiled-") else name
+    return lambda q, k, v: attnswap.attention(q, k, v, kind=kind, is_causal=causal, impl="cpu")
 
 
-def fwd_bwd(fn, q, k, v, go):
+def fwd_bwd(fn, q, k, v, go, name=""):
     for t in (q, k, v):
         t.grad = None
-    out = fn(q, k, v)
-    out.backward(go)
+    tiled = name.startswith("tiled-")
+    if tiled:
+        os.environ[cpu_fused.ENV_FUSED] = "0"
+    try:
+        out = fn(q, k, v)
+        out.backward(go)
+    finally:
+        if tiled:
+            os.environ.pop(cpu_fused.ENV_FUSED, None)
 
 
 def repeats_for(T: int, args) -> int:
@@ -108,7 +121,7 @@ def warm_up(names, args):
     q, k, v, go = make_inputs(512, args.B, args.H, args.D, args.dtype)
     for causal in (False, True):
         for n in names:
-            fwd_bwd(impl_fn(n, causal), q, k, v, go)
+            fwd_bwd(impl_fn(n, causal), q, k, v, go, n)
 
 
 def time_all(names, T, causal, args):
@@ -124,7 +137,7 @@ def time_all(names, T, causal, args):
     for _ in range(repeats_for(T, args)):
         for n in names:
             t0, c0 = time.perf_counter(), time.process_time()
-            fwd_bwd(fns[n], q, k, v, go)
+            fwd_bwd(fns[n], q, k, v, go, n)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             best[n] = (min(best[n][0], dt), min(best[n][1], dc))
     return best
@@ -245,6 +258,8 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--direct", action="store_true",
                     help="also time the kernel module directly, without the custom op")
+    ap.add_argument("--tiled", action="store_true",
+                    help="also time the tiled torch kernel (ATTNSWAP_CPU_FUSED=0)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--markdown", default=None, help="also write the tables as markdown here")
     ap.add_argument("--_memory-worker", dest="memory_worker", default=None,
@@ -274,12 +289,17 @@ def main(argv=None):
     all_names = ["sdpa"] + kinds + [f"ref-{k}" for k in kinds]
     if args.direct:
         all_names += [f"direct-{k}" for k in kinds]
+    if args.tiled:
+        all_names += [f"tiled-{k}" for k in kinds]
     warm_up(all_names, args)
+    cpu_fused.path_counts.clear()
     for T in Ts:
         for causal in causals:
             names = ["sdpa"] + kinds
             if args.direct:
                 names += [f"direct-{k}" for k in kinds]
+            if args.tiled:
+                names += [f"tiled-{k}" for k in kinds]
             if T <= args.ref_time_max_T:
                 names += [f"ref-{k}" for k in kinds]
             best = time_all(names, T, causal, args)
@@ -299,6 +319,8 @@ def main(argv=None):
     cols = ["T", "causal", "kind", "SDPA", "cpu kernel", "cpu / SDPA", "(CPU time)"]
     if args.direct:
         cols += ["direct / SDPA"]
+    if args.tiled:
+        cols += ["tiled / SDPA"]
     cols += ["reference", "cpu / reference"]
     for c in cols:
         tt.add_column(c, justify="right")
@@ -311,10 +333,14 @@ def main(argv=None):
                    fmt_ratio(best[k][0], sd[0]), fmt_ratio(best[k][1], sd[1])]
             if args.direct:
                 row += [fmt_ratio(best[f"direct-{k}"][0], sd[0])]
+            if args.tiled:
+                row += [fmt_ratio(best[f"tiled-{k}"][0], sd[0])]
             row += [fmt_s(ref[0]), fmt_ratio(best[k][0], ref[0])]
             tt.add_row(*row)
             md_time.append(row)
     console.print(tt)
+    paths = ", ".join(f"{p} {n}: {c}" for (p, n), c in sorted(cpu_fused.path_counts.items()))
+    console.print(f"CPU kernel paths that ran (timed runs): {paths}")
 
     md_mem = []
     if mem_rows:
