@@ -120,9 +120,15 @@ def block_sizes() -> tuple[int, int]:
     return BLOCK_Q, BLOCK_K
 
 
-def threads() -> int:
-    from ..cpu import num_workers
+def threads(scores: int | None = None) -> int:
+    """OpenMP threads for a call with ``scores`` score elements: the tiled kernel's rule (one
+    thread below ``PARALLEL_MIN_SCORES``), since a team's barrier waits for its slowest thread,
+    and on a machine where another process holds a core that costs a small call more than its
+    work (measured: the training CLI's tiny steps 16 % slower with 2 threads under pytest -n 2)."""
+    from ..cpu import PARALLEL_MIN_SCORES, num_workers
 
+    if scores is not None and scores < PARALLEL_MIN_SCORES:
+        return 1
     return max(1, num_workers())
 
 
@@ -228,7 +234,7 @@ def _problem(lib, q, k, v, mask, p: AttentionParams):
     pr.factor = _relu_factor(p, Tk) if p.kind == "relu" else 1.0
     pr.causal = int(causal)
     pr.bq, pr.bk = bq, bk
-    pr.threads = threads()
+    pr.threads = threads(B * Hq * Tq * Tk)
     return pr, keep
 
 
