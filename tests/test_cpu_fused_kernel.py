@@ -307,3 +307,35 @@ def test_tile_classes_of_the_masks_hf_builds():
     assert classes.shape == (2, 1, 1, 4)  # a broadcast query dim is one tile along it
     assert classes[0].flatten().tolist() == [FREE] * 4
     assert classes[1].flatten().tolist() == [FREE, FREE, HIDDEN, HIDDEN]
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "relu"])
+def test_a_converted_hf_model_runs_the_fused_kernel_at_every_site(kind, monkeypatch):
+    """HF BERT with a padded batch (its [B, 1, 1, T] finfo.min mask), trained one step: every
+    site's forward and backward are counted as fused, and the model matches the same conversion
+    on the plain-math reference kernel."""
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.delenv(cpu.ENV_BLOCK)
+    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = BertModel(cfg)
+    ids = torch.randint(0, 128, (3, 40))
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    outs = {}
+    for impl in ("cpu", "reference"):
+        conv = attnswap.convert(model, kind, batch, impl=impl, strict=True)
+        cpu_fused.path_counts.clear()
+        out = conv(**batch).last_hidden_state
+        out.pow(2).mean().backward()
+        outs[impl] = (out.detach(), [p.grad.clone() for p in conv.parameters() if p.grad is not None])
+        if impl == "cpu":
+            assert dict(cpu_fused.path_counts) == {("forward", "fused"): 2, ("backward", "fused"): 2}
+    assert_close(outs["cpu"][0], outs["reference"][0])
+    assert len(outs["cpu"][1]) == len(outs["reference"][1]) > 20
+    for a, b in zip(outs["cpu"][1], outs["reference"][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

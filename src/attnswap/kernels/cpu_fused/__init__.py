@@ -27,11 +27,12 @@ from .build import FusedBuildError, load
 
 ENV_FUSED = "ATTNSWAP_CPU_FUSED"
 # Query rows x keys per tile: a 128 x 256 fp32 score tile (128 KiB) and, in the backward, its
-# gradient stay in a core's L2 (512 KiB here) from one matmul to the next; larger query blocks
-# keep BLAS efficient on the short inner dimensions of dV += PᵀdO and dK += dSᵀQ. One grid for
-# the forward and the backward, so the mask tile classes computed for one serve the other.
-# (Measured fwd+bwd against SDPA, one thread, B1 H8 D64, T 512 and 2048: 128x256 3.34 / 3.49x
-# SDPA's forward, 64x512 3.50 / 3.59x, 32x512 3.58 / 3.65x, 256x512 3.48 / 3.45x.)
+# gradient stay in a core's L2 (1 MiB on the AMD EPYC measured) from one matmul to the next;
+# larger query blocks keep BLAS efficient on the short inner dimensions of dV += PᵀdO and
+# dK += dSᵀQ. One grid for the forward and the backward, so the mask tile classes computed for
+# one serve the other. (Measured fwd+bwd against SDPA, one thread, B1 H8 D64, T 512 and 2048:
+# 128x256 3.34 / 3.49x SDPA's forward, 64x512 3.50 / 3.59x, 32x512 3.58 / 3.65x, 256x512
+# 3.48 / 3.45x.)
 BLOCK_Q = 128
 BLOCK_K = 256
 

@@ -1,7 +1,7 @@
 // Fused CPU forward and backward of sigmoid and ReLU attention (attnswap::attention, impl="cpu").
 //
 // Flash-style: a query block of one head meets one key block at a time; its score tile stays
-// in the core's L2 (64 x 512 fp32 = 128 KiB) from the S = Q Kᵀ matmul, through the pointwise
+// in the core's L2 (128 x 256 fp32 = 128 KiB) from the S = Q Kᵀ matmul, through the pointwise
 // activation (and the mask), into the P V matmul. The tiled torch kernel (cpu.py) issues each
 // of those steps as a separate torch op over a 16 MiB tile of every head at once, which made
 // its pointwise passes memory-bound (~35 % of a T=512 forward); here they cost about what the
