@@ -49,13 +49,13 @@ from __future__ import annotations
 import math
 import os
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from . import cpu_fused
 from .dropout import keep_from_index, tile_keep_mask
+from .mask_cache import MaskObjectCache
 from .params import LENGTH_KEYS, LENGTH_VISIBLE, AttentionParams
 from .reference import compute_dtype, float_mask_is_masked
 
@@ -393,29 +393,15 @@ def _pure_tiles(mask, skip, free, thr: float, bq: int, bk: int) -> torch.Tensor:
     return pure
 
 
-_tile_cache: dict = {}
-_TILE_CACHE_SIZE = 8
+_tile_cache = MaskObjectCache()
 
 
 def mask_tiles_cached(mask, kind: str, bq: int, bk: int):
-    """:func:`_mask_tiles`, remembered per mask tensor *object* (and its version counter): HF
-    models pass one mask object to every layer, and the backward gets the forward's. A weak
-    reference proves the object is the same one; an in-place change bumps ``_version``."""
+    """:func:`_mask_tiles`, remembered per mask tensor object and version (``mask_cache``)."""
     if mask is None:
         return None, None, None
     key = (bq, bk, kind == "softmax" and mask.dtype != torch.bool)
-    if mask.is_inference():  # no version counter to prove it unchanged: classify afresh
-        return _classify(mask, kind, bq, bk, key)
-    ent = _tile_cache.get(id(mask))
-    if ent is None or ent[0]() is not mask or ent[1] != mask._version:
-        while len(_tile_cache) >= _TILE_CACHE_SIZE:
-            _tile_cache.pop(next(iter(_tile_cache)))
-        ent = (weakref.ref(mask), mask._version, {})
-        _tile_cache[id(mask)] = ent
-    res = ent[2].get(key)
-    if res is None:
-        res = ent[2][key] = _classify(mask, kind, bq, bk, key)
-    return res
+    return _tile_cache.get(mask, key, lambda: _classify(mask, kind, bq, bk, key))
 
 
 def _classify(mask, kind: str, bq: int, bk: int, key):

@@ -17,10 +17,10 @@ import collections
 import ctypes
 import os
 import warnings
-import weakref
 
 import torch
 
+from ..mask_cache import MaskObjectCache
 from ..params import LENGTH_VISIBLE, AttentionParams
 from ..reference import ACTIVATIONS
 from .build import FusedBuildError, load
@@ -172,8 +172,7 @@ def _broadcast_strides(t: torch.Tensor) -> list[int]:
     return [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
 
 
-_tile_cache: dict = {}
-_TILE_CACHE_SIZE = 8
+_tile_cache = MaskObjectCache()
 
 
 def _classify(lib, m: torch.Tensor, is_bool: bool, thr: float, bq: int, bk: int):
@@ -187,21 +186,8 @@ def _classify(lib, m: torch.Tensor, is_bool: bool, thr: float, bq: int, bk: int)
 
 
 def _tile_classes(lib, mask, m, is_bool, thr, bq, bk):
-    """The mask's tile classes, remembered per mask object and version (HF passes one mask
-    object to every layer, and the backward gets the forward's)."""
-    key = (bq, bk)
-    if mask.is_inference():
-        return _classify(lib, m, is_bool, thr, bq, bk)
-    ent = _tile_cache.get(id(mask))
-    if ent is None or ent[0]() is not mask or ent[1] != mask._version:
-        while len(_tile_cache) >= _TILE_CACHE_SIZE:
-            _tile_cache.pop(next(iter(_tile_cache)))
-        ent = (weakref.ref(mask), mask._version, {})
-        _tile_cache[id(mask)] = ent
-    res = ent[2].get(key)
-    if res is None:
-        res = ent[2][key] = _classify(lib, m, is_bool, thr, bq, bk)
-    return res
+    """The mask's tile classes, remembered per mask object and version (``mask_cache``)."""
+    return _tile_cache.get(mask, (bq, bk), lambda: _classify(lib, m, is_bool, thr, bq, bk))
 
 
 def _problem(lib, q, k, v, mask, p: AttentionParams):
