@@ -129,8 +129,9 @@ def load() -> ctypes.CDLL:
                 _lib = _bind(ctypes.CDLL(str(path)))
             except FusedBuildError as e:
                 _error = e
-            except OSError as e:  # a corrupt cache file, a missing libtorch_cpu symbol...
-                _error = FusedBuildError(f"could not load {path}: {e}")
+            except OSError as e:  # an unwritable cache, a corrupt file, a missing symbol...
+                _error = FusedBuildError(f"could not build or load {library_path()}: {e} "
+                                         f"(set {ENV_CACHE} to a writable folder)")
     if _error is not None:
         raise _error
     return _lib
