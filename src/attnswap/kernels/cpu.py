@@ -56,8 +56,8 @@ import torch
 from . import cpu_fused
 from .dropout import keep_from_index, tile_keep_mask
 from .mask_cache import MaskObjectCache
-from .params import LENGTH_KEYS, LENGTH_VISIBLE, AttentionParams
-from .reference import compute_dtype, float_mask_is_masked
+from .params import LENGTH_VISIBLE, AttentionParams
+from .reference import compute_dtype, float_mask_is_masked, masked_threshold
 
 BLOCK_Q = 256
 BLOCK_K = 512
@@ -257,10 +257,8 @@ class _Problem:
         p = self.p
         if p.kind != "relu":
             r = 1.0
-        elif p.length == LENGTH_KEYS:
-            r = float(self.Tk) ** (-p.alpha)
         elif p.length != LENGTH_VISIBLE:
-            r = float(p.length) ** (-p.alpha)
+            r = p.relu_factor(self.Tk)
         else:
             n = self.visible_counts()
             r = torch.where(n > 0, n.clamp_min(1.0) ** (-p.alpha), torch.zeros_like(n))
@@ -363,7 +361,7 @@ def _mask_tiles(mask, kind: str, bq: int, bk: int):
         all_true = 1 if lo.dtype == torch.uint8 else 0x0101010101010101
         skip, free = hi == 0, lo == all_true
     else:
-        thr = 0.5 * torch.finfo(mask.dtype).min  # reference.float_mask_is_masked
+        thr = masked_threshold(mask.dtype)
         skip, free = hi <= thr, (lo == 0) & (hi == 0)
         if kind == "softmax":
             # skip only where every row of the row block sees some key

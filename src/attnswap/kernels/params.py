@@ -44,6 +44,14 @@ class AttentionParams:
         # No keys: every weight is a sum over nothing (the output is 0) whatever b is.
         return -math.log(max(tk, 1)) if self.sigmoid_bias is None else self.sigmoid_bias
 
+    def relu_factor(self, tk: int) -> float:
+        """ReLU's ``L^-alpha`` for a fixed length (``length`` = keys or a constant): 0 when
+        there is nothing to attend, as in the reference."""
+        if self.length == LENGTH_VISIBLE:
+            raise ValueError("length='visible' has a per-row factor, not one number")
+        n = float(tk if self.length == LENGTH_KEYS else self.length)
+        return max(n, 1.0) ** (-self.alpha) if n > 0 else 0.0
+
     def reference_kwargs(self) -> dict:
         return dict(
             kind=self.kind,

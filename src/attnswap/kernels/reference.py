@@ -50,9 +50,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def masked_threshold(dtype: torch.dtype) -> float:
+    """A float-mask entry at or below this (half the dtype's lowest value) hides its key."""
+    return 0.5 * torch.finfo(dtype).min
+
+
 def float_mask_is_masked(mask: torch.Tensor) -> torch.Tensor:
     """Positions a float (additive) mask means to hide, for the kinds that are not softmax."""
-    return mask <= 0.5 * torch.finfo(mask.dtype).min
+    return mask <= masked_threshold(mask.dtype)
 
 
 def visible_mask(

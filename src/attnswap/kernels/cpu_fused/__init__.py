@@ -22,7 +22,7 @@ import torch
 
 from ..mask_cache import MaskObjectCache
 from ..params import LENGTH_VISIBLE, AttentionParams
-from ..reference import ACTIVATIONS
+from ..reference import ACTIVATIONS, masked_threshold
 from .build import FusedBuildError, load
 
 ENV_FUSED = "ATTNSWAP_CPU_FUSED"
@@ -113,10 +113,9 @@ def unsupported(q, k, v, mask, p: AttentionParams, need_mask_grad: bool = False)
 
 
 def block_sizes() -> tuple[int, int]:
-    env = os.environ.get("ATTNSWAP_CPU_BLOCK", "").strip()
-    if env:
-        from ..cpu import block_sizes as tiled_block_sizes
+    from ..cpu import ENV_BLOCK, block_sizes as tiled_block_sizes  # cpu imports this module
 
+    if os.environ.get(ENV_BLOCK, "").strip():
         return tiled_block_sizes(1)  # the same override (and its error) as the tiled kernel
     return BLOCK_Q, BLOCK_K
 
@@ -158,7 +157,7 @@ def _mask_operand(mask: torch.Tensor, Tk: int):
     if mask.dtype == torch.bool:
         thr = 0.0
     else:
-        thr = 0.5 * torch.finfo(mask.dtype).min  # reference.float_mask_is_masked
+        thr = masked_threshold(mask.dtype)
         if mask.dtype != torch.float32:
             mask = mask.to(torch.float32)
     if mask.shape[3] != Tk or mask.stride(3) != 1:
@@ -218,16 +217,11 @@ def _problem(lib, q, k, v, mask, p: AttentionParams):
     pr.act = ACTIVATIONS.index(p.activation) if p.kind == "relu" else ACTIVATIONS.index("sigmoid")
     pr.scale = p.scale
     pr.bias = p.sigmoid_b(Tk) if p.kind == "sigmoid" else 0.0
-    pr.factor = _relu_factor(p, Tk) if p.kind == "relu" else 1.0
+    pr.factor = p.relu_factor(Tk) if p.kind == "relu" else 1.0
     pr.causal = int(causal)
     pr.bq, pr.bk = bq, bk
     pr.threads = threads(B * Hq * Tq * Tk)
     return pr, keep
-
-
-def _relu_factor(p: AttentionParams, Tk: int) -> float:
-    n = float(Tk) if p.length == 0 else float(p.length)
-    return n ** (-p.alpha) if n > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,13 +10,13 @@
 // 5 matmuls (S is recomputed: storing P would cost T² memory per head) and one pass.
 //
 // Plain C ABI over raw pointers and element strides (loaded with ctypes; no torch headers, so
-// it builds in about a second). The matmuls are BLAS sgemm_ from the libtorch_cpu that torch
-// already loaded (MKL on x86-64); threads come from the
-// same libgomp torch uses (one OpenMP runtime in the process). Inside a parallel region of more
-// than one thread, MKL runs each call single-threaded by itself (it checks omp_in_parallel).
+// it builds in about two seconds). The matmuls are BLAS sgemm_ from the libtorch_cpu that torch
+// already loaded (MKL on x86-64); threads come from the same libgomp torch uses (one OpenMP
+// runtime in the process). Inside a parallel region of more than one thread, MKL runs each call
+// single-threaded by itself (it checks omp_in_parallel).
 //
-// Semantics are those of kernels/reference.py, restricted to what `supports()` in __init__.py
-// admits: fp32 compute, no dropout, length = Tk or a constant, no mask gradient.
+// Semantics are those of kernels/reference.py, restricted to what `unsupported()` in
+// __init__.py admits: fp32 compute, no dropout, length = Tk or a constant, no mask gradient.
 
 #include <algorithm>
 #include <cmath>

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..params import LENGTH_KEYS, LENGTH_VISIBLE, AttentionParams
+from ..params import LENGTH_VISIBLE, AttentionParams
+from ..reference import masked_threshold
 
 # ``triton.jit`` decides at decoration time whether it builds an interpreted function; this module
 # is imported before any kernel module, so the value below is the one the kernels were built with.
@@ -131,11 +132,11 @@ def prepare_mask(attn_mask, kind: str, q: torch.Tensor, Tk: int) -> MaskInfo:
     if m.dtype == torch.bool:
         strides = m.expand(B, Hq, Tq, Tk).stride()
         return MaskInfo(m.view(torch.uint8), strides, False, True, True, 0.0)
-    threshold = 0.5 * torch.finfo(m.dtype).min
+    threshold = masked_threshold(m.dtype)
     if m.dtype == torch.float64:
         # Kernels read fp32. Keep the "masked" decision exact: decide it in fp64, then mark -inf.
         m = m.masked_fill(m <= threshold, float("-inf")).to(torch.float32)
-        threshold = 0.5 * torch.finfo(torch.float32).min
+        threshold = masked_threshold(torch.float32)
     strides = m.expand(B, Hq, Tq, Tk).stride()
     is_softmax = kind == "softmax"
     # For softmax a float mask is a pure addition (SDPA); for the others it also hides keys.
@@ -182,8 +183,7 @@ def kernel_scalars(p: AttentionParams, Tk: int) -> KernelScalars:
             visible = True
             post = max(float(Tk), 1.0) ** (-p.alpha)
         else:
-            n = float(Tk if p.length == LENGTH_KEYS else p.length)
-            post = max(n, 1.0) ** (-p.alpha) if n > 0 else 0.0
+            post = p.relu_factor(Tk)
     dropout = p.dropout_p > 0.0
     return KernelScalars(
         kind=kind,
