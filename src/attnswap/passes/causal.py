@@ -31,11 +31,12 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
+from ..kernels.reference import float_mask_is_masked, masked_threshold
 from .normalize import _placeholder_kind, example, is_mutating
 
 _MAX_NUMEL = 1 << 22  # evaluate masks up to 4M entries at compile time
 _MAX_OBSERVED = 1 << 24  # observe (report only) masks up to 16M entries
-_LOW_FILL = 0.5 * torch.finfo(torch.float16).min  # a finite fill at or below this hides
+_LOW_FILL = masked_threshold(torch.float16)  # a finite fill at or below this hides
 _RANDOM = ("rand", "randn", "randint", "bernoulli", "dropout", "normal", "uniform")
 
 
@@ -158,7 +159,7 @@ def _visible(entry, value: torch.Tensor):
         return vis, kind == "keep"
     if value.dtype == torch.bool or not value.is_floating_point():
         return None
-    hidden = value <= 0.5 * torch.finfo(value.dtype).min
+    hidden = float_mask_is_masked(value)
     if not torch.equal(value.masked_fill(hidden, 0.0), torch.zeros_like(value)):
         return None  # a bias (e.g. relative positions), not only a mask
     hard = bool(torch.isneginf(value[hidden]).all()) if hidden.any() else True
@@ -302,7 +303,7 @@ def _entry_visible(entry, value: torch.Tensor) -> torch.Tensor | None:
         return None
     coef = entry[2]
     scaled = value if coef == 1.0 else value * coef
-    return ~(scaled <= 0.5 * torch.finfo(value.dtype).min)
+    return ~float_mask_is_masked(scaled)
 
 
 def is_causal_visibility(vis: torch.Tensor, tq: int, tk: int) -> bool:
@@ -369,12 +370,12 @@ def observed_causal_mha(call: dict) -> bool:
         am = observed_tensor(am_node)
         if am is None or am.dim() not in (2, 3):
             return False
-        am_vis = ~am if am.dtype == torch.bool else am > 0.5 * torch.finfo(am.dtype).min
+        am_vis = ~am if am.dtype == torch.bool else ~float_mask_is_masked(am)
         if kpm_node is not None:
             kpm = observed_tensor(kpm_node)
             if kpm is None:
                 return False
-            kpm_vis = ~kpm if kpm.dtype == torch.bool else kpm > 0.5 * torch.finfo(kpm.dtype).min
+            kpm_vis = ~kpm if kpm.dtype == torch.bool else ~float_mask_is_masked(kpm)
             if kpm_vis.dim() == 1:
                 kpm_vis = kpm_vis[None]
             b = kpm_vis.shape[0]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.op import attention
+from ..kernels.reference import float_mask_is_masked
 
 # (tensor, coefficient, shape the tensor was broadcast against or None)
 FloatMask = tuple
@@ -62,7 +63,7 @@ def _attend(m, negate, at, scores_shape):
 
 
 def _float_masked(t: torch.Tensor) -> torch.Tensor:
-    return torch.isneginf(t) | (t <= 0.5 * torch.finfo(t.dtype).min)
+    return torch.isneginf(t) | float_mask_is_masked(t)
 
 
 def fold_masks(masks: Sequence[Mask], scores_shape, *, kind: str = "softmax", dtype=None):
