@@ -6,6 +6,13 @@ initial weights, AdamW), then times full training steps (forward + backward + op
 the span ``train_one`` reports as ms/step) of softmax and SAS alternately on the same batches,
 and prints medians and the SAS / softmax ratio.
 
+``--flops`` also counts each arm's FLOPs per training step (forward + backward) with
+``torch.utils.flop_counter.FlopCounterMode``, every site computed by ``impl="reference"`` (plain
+matmuls the counter sees; full, not causal-halved, score matrices for both arms): softmax, SAS as
+the paper writes it (``Conv1d`` head expansion: its intrinsic arithmetic) and SAS as it runs here
+(the banded head expansion, which spends D/k times the conv's FLOPs to run as one GEMM). The
+intrinsic ratio is the floor of SAS / softmax at equal arithmetic efficiency.
+
 ``--breakdown`` also times SAS's pieces fwd+bwd at one site's shapes (each piece on its own,
 through the SAS module's own submodules): the q / k / v head expansions, the q / k dim
 expansions, the softmax on the expanded heads, the group mean, the whole SAS call, and the
@@ -15,6 +22,7 @@ Usage::
 
     python bench/sas_step.py --threads 1                # both tasks, 30 rounds each
     python bench/sas_step.py --task text --rounds 60 --breakdown
+    python bench/sas_step.py --flops --rounds 15        # with each arm's FLOPs per step
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -150,6 +157,56 @@ def breakdown(task_name: str, batch: int, rounds: int):
     return (B, H, T, D, causal), {name: median_ms(ts) for name, ts in times.items()}
 
 
+def step_flops(name: str, seed: int = 0) -> dict:
+    """FLOPs of one training step (forward + backward, optimizer excluded) per arm, counted by
+    ``FlopCounterMode``. The converted models themselves cannot be counted (dynamo does not trace
+    under a dispatch mode: the regions would run as the original softmax, and attnswap says so),
+    so: the original model's step without its attention (the counter has no formula for PyTorch's
+    CPU flash kernel, so it counts everything but the sites), plus per site one attention call
+    fwd+bwd at the site's shapes on ``impl="reference"`` (plain matmuls, full score matrices for
+    every arm) or one SAS module call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from attnswap.kernels.op import attention
+    from attnswap.runtime import sas as sas_mod
+
+    def count(fn):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        ops = {str(op) for per_op in counter.get_flop_counts().values() for op in per_op}
+        return counter.get_total_flops(), ops
+
+    batch = 64 if name == "digits" else 32
+    task = TASKS[name](seed, batch)
+    g = torch.Generator().manual_seed(seed + 1)
+    data = task.sample(g, batch)
+    model = copy.deepcopy(task.model).train()
+    rest, ops = count(lambda: task.loss(model, data).backward())
+    assert not any("attention" in op for op in ops), ops  # the sites are counted below
+    n_sites = 2
+    B, H, T, D, causal = site_shapes(name, batch)
+    q, k, v = (torch.randn(B, T, H, D).transpose(1, 2).requires_grad_(True) for _ in range(3))
+
+    def site(fn):
+        return count(lambda: fn().sum().backward())[0]
+
+    softmax = site(lambda: attention(q, k, v, None, kind="softmax", scale=D ** -0.5,
+                                     impl="reference"))
+    sas = sas_mod.SAS(H, H, D, init="random")
+    band = sas_mod.BAND_MAX_D
+    out = {"softmax": rest + n_sites * softmax}
+    for arm, band_max in (("sas_paper", 0), ("sas_run", band)):
+        sas_mod.BAND_MAX_D = band_max  # 0: every head expansion as the paper's Conv1d
+        try:
+            out[arm] = rest + n_sites * site(lambda: sas(
+                q, k, v, None, scale=D ** -0.5, is_causal=causal, dropout_p=0.0,
+                options={"impl": "reference"}))
+        finally:
+            sas_mod.BAND_MAX_D = band
+    return out
+
+
 def run_task(name: str, rounds: int, seed: int = 0):
     batch = 64 if name == "digits" else 32
     task = TASKS[name](seed, batch)
@@ -178,6 +235,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--flops", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from rich.console import Console
@@ -188,17 +246,24 @@ def main(argv=None):
               f"{torch.get_num_threads()} thread(s), fp32; load average {loadavg()}")
     names = ("text", "digits") if args.task == "both" else (args.task,)
     table = Table(title=f"training step, median of {args.rounds} interleaved rounds")
-    for col in ("task", "shapes", "softmax ms", "SAS ms", "SAS / softmax", "AdamW step ms "
-                "(softmax / SAS)", "load"):
+    for col in ("task", "shapes", "softmax ms", "SAS ms", "SAS / softmax", ("AdamW step ms "
+                "(softmax / SAS)"), "load"):
         table.add_column(col, justify="left" if col in ("task", "shapes") else "right")
+    if args.flops:
+        table.add_column("FLOP ratio: paper SAS / as run", justify="right")
     breakdowns = []
     for name in names:
         batch, med, _ = run_task(name, args.rounds)
         B, H, T, D, causal = site_shapes(name, batch)
-        table.add_row(name, f"B={B} H={H} T={T} D={D}{' causal' if causal else ''}, 2 layers",
-                      f"{med['softmax']:.1f}", f"{med['sas']:.1f}",
-                      f"{med['sas'] / med['softmax']:.2f}x",
-                      f"{med['softmax optimizer']:.2f} / {med['sas optimizer']:.2f}", loadavg())
+        row = [name, f"B={B} H={H} T={T} D={D}{' causal' if causal else ''}, 2 layers",
+               f"{med['softmax']:.1f}", f"{med['sas']:.1f}", f"{med['sas'] / med['softmax']:.2f}x",
+               f"{med['softmax optimizer']:.2f} / {med['sas optimizer']:.2f}", loadavg()]
+        if args.flops:
+            f = step_flops(name)
+            row.append(f"{f['sas_paper'] / f['softmax']:.2f}x / {f['sas_run'] / f['softmax']:.2f}x"
+                       f" ({f['softmax'] / 1e6:.0f} / {f['sas_paper'] / 1e6:.0f} / "
+                       f"{f['sas_run'] / 1e6:.0f} MFLOP)")
+        table.add_row(*row)
         if args.breakdown:
             breakdowns.append((name, med, *breakdown(name, batch, max(args.rounds, 20))))
     con.print(table)
@@ -211,7 +276,7 @@ def main(argv=None):
         t.add_column("x2 layers", justify="right")
         for piece, ms in parts.items():
             t.add_row(piece, f"{ms:.2f}", f"{2 * ms:.2f}")
-        rest = med["softmax"] - 2 * parts[[p for p in parts if p.startswith("softmax site")][0]]
+        rest = med["softmax"] - 2 * parts[next(p for p in parts if p.startswith("softmax site"))]
         t.add_row("rest of the softmax step (step - 2 softmax sites)", f"{rest:.2f}", "")
         t.add_row("SAS step predicted (rest + 2 SAS sites)",
                   f"{rest + 2 * parts['SAS site total']:.2f}", "")
