@@ -347,3 +347,74 @@ def test_a_converted_hf_model_runs_the_fused_kernel_at_every_site(kind, monkeypa
     assert len(outs["cpu"][1]) == len(outs["reference"][1]) > 20
     for a, b in zip(outs["cpu"][1], outs["reference"][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def _bthd(B, H, T, D, seed):
+    """A ``[B, H, T, D]`` view of a ``[B, T, H, D]`` tensor: what ``proj(x).view(B, T, H, D)
+    .transpose(1, 2)`` hands to SDPA in HF / timm models."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+
+
+def _is_bthd(t):
+    return t.transpose(1, 2).is_contiguous() and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("kind", ["sigmoid", "relu"])
+def test_outputs_and_gradients_in_the_layouts_models_use(kind, threads, monkeypatch):
+    """layout="bthd": the output is written [B, T, H, D] in memory (as CPU SDPA returns it for
+    such views), and dq, dk, dv come back in q's, k's, v's own layouts from a [B, T, H, D]-strided
+    grad_out, without copies; values as the reference's. 256 x 256 scores per head and one KV
+    head: with 2 threads the query group is split and the partial dK, dV are summed into the
+    strided gradients."""
+    monkeypatch.setenv(cpu.ENV_THREADS, threads)
+    B, Hq, Hkv, T, D = 1, 4, 1, 256, 16
+    q, k, v = _bthd(B, Hq, T, D, 0), _bthd(B, Hkv, T, D, 1), _bthd(B, Hkv, T, D, 2)
+    mask = make_mask("hf_padding", B, Hq, T, T)
+    ins = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    before = dict(cpu_fused.path_counts)
+    out = attnswap.attention(*ins, mask, kind=kind, impl="cpu", layout="bthd")
+    go = _bthd(B, Hq, T, D, 3)
+    grads = torch.autograd.grad(out, ins, go)
+    ran = {key: n - before.get(key, 0) for key, n in cpu_fused.path_counts.items()}
+    assert ran.get(("forward", "fused")) == 1 and ran.get(("backward", "fused")) == 1, ran
+    assert _is_bthd(out), out.stride()
+    for g, x in zip(grads, (q, k, v)):
+        assert g.stride() == x.stride(), (g.stride(), x.stride())
+    rin = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    ref = attention_reference(*rin, mask, kind=kind)
+    rgrads = torch.autograd.grad(ref, rin, go)
+    assert_close(out, ref, dtype=torch.float32)
+    for name, a, b in zip("qkv", grads, rgrads):
+        assert_close(a, b, dtype=torch.float32, msg=lambda m, name=name: f"d{name}\n{m}")
+
+
+def test_default_layout_is_contiguous_and_expanded_inputs_get_contiguous_gradients():
+    q = _bthd(2, 4, 21, 8, 0)
+    k = torch.randn(1, 2, 21, 8).expand(2, 2, 21, 8)  # broadcast over the batch
+    v = torch.randn(2, 2, 21, 8)
+    ins = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = attnswap.attention(*ins, kind="sigmoid", impl="cpu")
+    assert out.is_contiguous()
+    dq, dk, dv = torch.autograd.grad(out, ins, torch.randn_like(out))
+    assert dq.stride() == q.stride() and dk.is_contiguous() and dv.is_contiguous()
+    rin = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    ref = attention_reference(*rin, None, kind="sigmoid")
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    for a, b in zip(torch.autograd.grad(attnswap.attention(*ins, kind="sigmoid", impl="cpu"),
+                                        ins, go), torch.autograd.grad(ref, rin, go)):
+        assert_close(a, b, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("impl,env", [("cpu", "0"), ("reference", "1"), ("cpu", "1")])
+def test_every_path_returns_the_layout_asked_for(impl, env, monkeypatch):
+    """The tiled kernel and the reference write contiguous outputs: they are copied into the
+    layout asked for, so a model's code sees the same strides whichever kernel ran."""
+    monkeypatch.setenv(cpu_fused.ENV_FUSED, env)
+    q, k, v = (_bthd(2, 3, 13, 8, s) for s in range(3))
+    out = attnswap.attention(q, k, v, kind="relu", impl=impl, layout="bthd")
+    assert _is_bthd(out)
+    assert_close(out, attention_reference(q, k, v, None, kind="relu"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="layout"):
+        attnswap.attention(q, k, v, kind="relu", impl=impl, layout="bhtd")

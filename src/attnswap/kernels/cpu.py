@@ -907,11 +907,12 @@ def _fused_path(pass_: str, q, k, v, attn_mask, p: AttentionParams, need_mask_gr
     return why is None
 
 
-def forward(q, k, v, attn_mask, p: AttentionParams) -> torch.Tensor:
+def forward(q, k, v, attn_mask, p: AttentionParams, layout: str | None = None) -> torch.Tensor:
     """Attention of kind ``p.kind``: ``out [B, Hq, Tq, Dv]`` in q's dtype. Sigmoid and ReLU run
-    the fused kernel (``cpu_fused``) whenever it supports the call."""
+    the fused kernel (``cpu_fused``) whenever it supports the call; it writes the output in
+    ``layout`` (see ``op.attention``), the tiled kernel contiguous."""
     if _fused_path("forward", q, k, v, attn_mask, p):
-        return cpu_fused.forward(q, k, v, attn_mask, p)
+        return cpu_fused.forward(q, k, v, attn_mask, p, layout)
     tiles = _tiles_of(attn_mask, p)
     q, k, v = q.detach(), k.detach(), v.detach()
     attn_mask = attn_mask.detach() if attn_mask is not None else None
@@ -937,9 +938,11 @@ def backward(grad_out, q, k, v, attn_mask, out, p: AttentionParams, need_mask_gr
     need_mask_grad = bool(need_mask_grad and attn_mask is not None
                           and attn_mask.dtype.is_floating_point)
     if _fused_path("backward", q, k, v, attn_mask, p, need_mask_grad):
+        # any grad_out strides (BLAS takes them); gradients in the inputs' own layouts
         dq, dk, dv = cpu_fused.backward(grad_out, q, k, v, attn_mask, p)
         return dq, dk, dv, None
     tiles = _tiles_of(attn_mask, p)
+    grad_out = grad_out.contiguous()
     grad_out, q, k, v = (t.detach() for t in (grad_out, q, k, v))
     attn_mask = attn_mask.detach() if attn_mask is not None else None
     out = out.detach() if out is not None else None

@@ -193,12 +193,26 @@ def _sdpa(q, k, v, mask, p: AttentionParams):
     )
 
 
-def _forward(q, k, v, attn_mask, p: AttentionParams, impl: str):
+def _forward(q, k, v, attn_mask, p: AttentionParams, impl: str, layout: str | None = None):
     if impl == "reference":
         return reference.attention_reference(q, k, v, attn_mask, **p.reference_kwargs())
     if impl == "sdpa":
         return _sdpa(q, k, v, attn_mask, p)
+    if impl == "cpu":  # the fused kernel writes any layout directly
+        return _kernel_module(impl).forward(q, k, v, attn_mask, p, layout)
     return _kernel_module(impl).forward(q, k, v, attn_mask, p)
+
+
+LAYOUTS = (None, "bthd")
+
+
+def in_layout(out: torch.Tensor, layout: str | None) -> torch.Tensor:
+    """``out [B, H, T, D]`` in the memory layout ``layout`` names (a copy only if it is not)."""
+    if layout is None:
+        return out.contiguous()
+    if out.transpose(1, 2).is_contiguous():
+        return out
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _backward_by_recompute(fn, grad_out, q, k, v, mask, need_mask_grad):
@@ -360,9 +374,9 @@ class _EagerAttention(torch.autograd.Function):
     ``call_counts`` counts it exactly like the op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, p: AttentionParams, ran: str):
+    def forward(ctx, q, k, v, attn_mask, p: AttentionParams, ran: str, layout: str | None):
         call_counts[(p.kind, ran)] += 1
-        out = _forward(q, k, v, _mask4d(attn_mask), p, ran).contiguous()
+        out = in_layout(_forward(q, k, v, _mask4d(attn_mask), p, ran, layout), layout)
         ctx.p, ctx.ran = p, ran
         ctx.need_mask_grad = (
             attn_mask is not None and attn_mask.dtype.is_floating_point and attn_mask.requires_grad
@@ -373,13 +387,16 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, attn_mask, out = ctx.saved_tensors
-        dq, dk, dv, dmask = _backward(grad_out.contiguous(), q, k, v, _mask4d(attn_mask), out,
+        # The CPU kernels take grad_out in any layout (the fused one reads its strides): the
+        # usual [B, T, H, D]-in-memory gradient of the model's head merge is not copied.
+        go = grad_out if ctx.ran == "cpu" else grad_out.contiguous()
+        dq, dk, dv, dmask = _backward(go, q, k, v, _mask4d(attn_mask), out,
                                       ctx.p, ctx.ran, ctx.need_mask_grad)
         if ctx.need_mask_grad:
             dmask = dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
         else:
             dmask = None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -416,15 +433,24 @@ def attention(
     length: int | str | None = None,
     fast_sigmoid: bool = False,
     impl: str | None = None,
+    layout: str | None = None,
 ) -> torch.Tensor:
     """Attention of ``kind`` with ``F.scaled_dot_product_attention``'s conventions.
 
     ``scale`` defaults to ``1/sqrt(head_dim)``. ``impl`` defaults to the ``ATTNSWAP_IMPL``
     environment variable, else ``"auto"``. With ``dropout_p > 0`` and no ``dropout_seed``, a seed
     is drawn from torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
+    ``layout`` is the output's memory layout in eager calls: None (contiguous ``[B, H, T, D]``,
+    as a matmul returns it) or ``"bthd"`` (``[B, T, H, D]`` in memory, what
+    PyTorch's CPU SDPA returns for the usual projection views: the model's
+    ``transpose(1, 2).reshape(B, T, H·D)`` is then free, and so is every ``view`` the model's
+    code could apply to its SDPA output). The fused CPU kernel writes it directly; other kernels
+    are copied into it. Traced calls (the ``attnswap::attention`` op) return contiguous outputs.
     """
     if impl is None:
         impl = impl_default()
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     validate_inputs(q, k, v, attn_mask)
     a = check_op_args(kind=kind, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
                       dropout_seed=dropout_seed, sigmoid_bias=sigmoid_bias, activation=activation,
@@ -450,13 +476,13 @@ def attention(
             params = dataclasses.replace(params, dropout_seed=int(seed.item()))
         if ran in _RECOMPUTED_IMPLS:
             # Differentiable torch code: autograd through it directly is what the op's
-            # backward recomputes, without the recomputation. Its output keeps SDPA's own
-            # strides ([B, T, H, D] in memory on CPU), as the model's own SDPA call would: the
-            # model's ``transpose(1, 2).reshape(B, T, H·D)`` is then free, where a contiguous
-            # copy here would cost two copies per layer.
+            # backward recomputes, without the recomputation. SDPA's own output strides
+            # ([B, T, H, D] in memory on CPU for projection views) are kept where ``layout``
+            # asks for them (the sites that were SDPA calls), and made contiguous where the
+            # site was a matmul, whose output the model's code may ``view`` as contiguous.
             call_counts[(params.kind, ran)] += 1
-            return _forward(q, k, v, _mask4d(attn_mask), params, ran)
-        return _EagerAttention.apply(q, k, v, attn_mask, params, ran)
+            return in_layout(_forward(q, k, v, _mask4d(attn_mask), params, ran), layout)
+        return _EagerAttention.apply(q, k, v, attn_mask, params, ran, layout)
     return attention_op(
         q, k, v, attn_mask, params.kind, params.scale, params.is_causal, params.dropout_p, seed,
         params.sigmoid_bias, params.activation, params.alpha, params.length, params.fast_sigmoid,

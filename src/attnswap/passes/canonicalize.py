@@ -185,7 +185,19 @@ def _layout_kwargs(site: Site) -> dict:
         out["head_axis"] = site.head_axis
     if site.broadcast:
         out["broadcast"] = True
+    if _bthd_output(site):
+        out["out_layout"] = "bthd"
     return out
+
+
+def _bthd_output(site: Site) -> bool:
+    """The site's own output was ``[B, T, H, D]`` in memory (PyTorch's CPU SDPA on projection
+    views): the rewritten site returns the same layout, so the model's code after it (a free
+    ``transpose(1, 2).reshape``, or a ``view`` that relies on those strides) runs as before."""
+    val = site.output.meta.get("example_value", site.output.meta.get("val"))
+    if not isinstance(val, torch.Tensor) or val.dim() != 4 or val.is_contiguous():
+        return False
+    return val.shape[1] > 1 and val.shape[2] > 1 and val.transpose(1, 2).is_contiguous()
 
 
 def _erase_dead(gm: fx.GraphModule, site: Site) -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels.op import attention
+from ..kernels.op import attention, in_layout
 from ..kernels.reference import float_mask_is_masked
 
 # (tensor, coefficient, shape the tensor was broadcast against or None)
@@ -163,6 +163,7 @@ def attention_site(
     out_dtype: torch.dtype | None = None,
     options: dict | None = None,
     qkv_transform: Callable | None = None,
+    out_layout: str | None = None,
 ) -> torch.Tensor:
     """Attention of ``kind`` with the layout of the site it replaces.
 
@@ -174,6 +175,9 @@ def attention_site(
     and the op's ``scale`` stays a float; ``k_factors``, constant along the queries, multiply k.
     ``heads``: a flattened-head site (``[B*H, T, D]``)
     computed as ``[B, H, T, D]``; ``head_axis``: where the heads sit when not at -3.
+    ``out_layout``: the memory layout the site's own output had (``"bthd"``: an SDPA call on
+    ``[B, T, H, D]``-in-memory views, whose output PyTorch's CPU kernel lays out that way), kept
+    so the model's code after the site sees the strides it was written against.
     """
     masks = list(masks) + _legacy_masks(float_masks, bool_masks)
     if k_transposed:
@@ -229,12 +233,15 @@ def attention_site(
     if mask is not None and q.dim() > 4:
         mask = mask.expand(scores_shape).reshape(*q4.shape[:-1], k4.shape[-2])
     opts = dict(options or {})
+    layout = out_layout if q.dim() == 4 and out_shape is None and not moved else None
     if qkv_transform is not None:
         out4 = qkv_transform(q4, k4, v4, mask, kind=kind, scale=scale, is_causal=is_causal,
                              dropout_p=dropout_p, options=opts)
+        if layout is not None:
+            out4 = in_layout(out4, layout)
     else:
         out4 = attention(q4, k4, v4, mask, kind=kind, scale=scale, is_causal=is_causal,
-                         dropout_p=dropout_p, **opts)
+                         dropout_p=dropout_p, layout=layout, **opts)
     out = out4.reshape(*batch_shape, q.shape[-2], v.shape[-1])
     if moved:
         out = out.movedim(-3, head_axis)

@@ -152,6 +152,26 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return s[0], s[1], max(tok, t.shape[3])
 
 
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 gradient for ``t`` in ``t``'s own layout when it is dense (the usual
+    ``[B, T, H, D]``-in-memory projection view): autograd hands it back to the projection without
+    a copy. Overlapping or gapped inputs (expanded, sliced) get a contiguous one."""
+    g = torch.empty_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
+    # (preserve_format may pick channels_last for an overlapping 4-dim input: the kernel needs
+    # a unit head-dim stride)
+    return g if g.stride(-1) == 1 else torch.empty(t.shape, dtype=torch.float32)
+
+
+def out_strides(layout: str | None):
+    """The output's allocation for ``layout``: None, contiguous ``[B, H, T, Dv]``; ``"bthd"``,
+    ``[B, T, H, Dv]`` in memory (PyTorch's CPU SDPA output for such inputs)."""
+    if layout not in (None, "bthd"):
+        raise ValueError(f"layout={layout!r}: expected None or 'bthd'")
+    if layout is None:
+        return lambda B, H, T, Dv: torch.empty(B, H, T, Dv, dtype=torch.float32)
+    return lambda B, H, T, Dv: torch.empty(B, T, H, Dv, dtype=torch.float32).transpose(1, 2)
+
+
 def _mask_operand(mask: torch.Tensor, Tk: int):
     """(tensor, is_bool, threshold): the mask as bytes or fp32 with a unit key stride."""
     if mask.dtype == torch.bool:
@@ -228,12 +248,12 @@ def _problem(lib, q, k, v, mask, p: AttentionParams):
 # entry points (called by cpu.py once unsupported() said None)
 
 
-def forward(q, k, v, mask, p: AttentionParams) -> torch.Tensor:
+def forward(q, k, v, mask, p: AttentionParams, layout: str | None = None) -> torch.Tensor:
     lib = load()
     q32, k32, v32 = _f32(q.detach()), _f32(k.detach()), _f32(v.detach())
     pr, keep = _problem(lib, q32, k32, v32, mask, p)
-    out = torch.empty(*q.shape[:3], v.shape[3], dtype=torch.float32)
-    lib.attnswap_forward(ctypes.byref(pr), out.data_ptr())
+    out = out_strides(layout)(*q.shape[:3], v.shape[3])
+    lib.attnswap_forward(ctypes.byref(pr), out.data_ptr(), (ctypes.c_int64 * 3)(*_strides3(out)))
     del keep
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
@@ -243,12 +263,13 @@ def backward(grad_out, q, k, v, mask, p: AttentionParams):
     q32, k32, v32 = _f32(q.detach()), _f32(k.detach()), _f32(v.detach())
     do32 = _f32(grad_out.detach())
     pr, keep = _problem(lib, q32, k32, v32, mask, p)
-    dq = torch.empty(q.shape, dtype=torch.float32)
-    dk = torch.empty(k.shape, dtype=torch.float32)
-    dv = torch.empty(v.shape, dtype=torch.float32)
-    dos = (ctypes.c_int64 * 3)(*_strides3(do32))
-    lib.attnswap_backward(ctypes.byref(pr), do32.data_ptr(), dos, dq.data_ptr(), dk.data_ptr(),
-                          dv.data_ptr())
+    dq, dk, dv = _empty_like(q32), _empty_like(k32), _empty_like(v32)
+
+    def strides(t):
+        return (ctypes.c_int64 * 3)(*_strides3(t))
+
+    lib.attnswap_backward(ctypes.byref(pr), do32.data_ptr(), strides(do32), dq.data_ptr(),
+                          strides(dq), dk.data_ptr(), strides(dk), dv.data_ptr(), strides(dv))
     del keep
     return dq, dk, dv
 

@@ -220,6 +220,15 @@ void score_grads(const Problem& p, int n, int m, const float* P, const float* xs
 
 inline int64_t n_blocks(int64_t t, int b) { return (t + b - 1) / b; }
 
+// rows x cols floats at row stride ld set to zero (a contiguous block in one memset)
+inline void zero_rows(float* x, int64_t rows, int64_t cols, int64_t ld) {
+  if (ld == cols) {
+    std::memset(x, 0, sizeof(float) * rows * cols);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) std::memset(x + r * ld, 0, sizeof(float) * cols);
+}
+
 // The last key block a query block [i0, i0 + n) reaches (exclusive end in keys).
 inline int64_t key_end(const Problem& p, int64_t i0, int n) {
   return p.causal ? std::min<int64_t>(p.Tk, i0 + n) : p.Tk;
@@ -263,8 +272,9 @@ void attnswap_classify_mask(const void* mask, int mask_bool, int64_t Bm, int64_t
   }
 }
 
-// out [B, Hq, Tq, Dv] contiguous fp32.
-void attnswap_forward(const Problem* pp, float* out) {
+// out [B, Hq, Tq, Dv] fp32 through strides os (batch, head, token; head-dim stride 1): the
+// caller picks the layout ([B, T, H, D] in memory where the site's SDPA would return that).
+void attnswap_forward(const Problem* pp, float* out, const int64_t* os) {
   const Problem& p = *pp;
   const int64_t G = p.Hq / p.Hkv, nI = n_blocks(p.Tq, p.bq);
   const int64_t total = p.B * p.Hq * nI;
@@ -281,7 +291,7 @@ void attnswap_forward(const Problem* pp, float* out) {
       const float* Q = p.q + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2];
       const float* K = p.k + b * p.ks[0] + hk * p.ks[1];
       const float* V = p.v + b * p.vs[0] + hk * p.vs[1];
-      float* O = out + ((b * p.Hq + h) * p.Tq + i0) * p.Dv;
+      float* O = out + b * os[0] + h * os[1] + i0 * os[2];
       bool first = true;
       const int64_t kend = key_end(p, i0, n);
       for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
@@ -293,18 +303,20 @@ void attnswap_forward(const Problem* pp, float* out) {
              0.f, S, m);
         weights(p, b, h, i0, n, j0, m, cls, S, nullptr);
         gemm(false, false, n, (int)p.Dv, m, p.factor, S, m, V + j0 * p.vs[2], (int)p.vs[2],
-             first ? 0.f : 1.f, O, (int)p.Dv);
+             first ? 0.f : 1.f, O, (int)os[2]);
         first = false;
       }
-      if (first) std::memset(O, 0, sizeof(float) * n * p.Dv);
+      if (first) zero_rows(O, n, p.Dv, os[2]);
     }
   }
 }
 
-// dq [B,Hq,Tq,D], dk [B,Hkv,Tk,D], dv [B,Hkv,Tk,Dv]: contiguous fp32, written (not added to).
+// dq [B,Hq,Tq,D], dk [B,Hkv,Tk,D], dv [B,Hkv,Tk,Dv]: fp32, written (not added to), through
+// strides dqs / dks / dvs (the inputs' own layouts, so autograd need not copy them back);
 // do_ has q's layout rules (strides dos, head-dim stride 1).
 void attnswap_backward(const Problem* pp, const float* do_, const int64_t* dos, float* dq,
-                       float* dk, float* dv) {
+                       const int64_t* dqs, float* dk, const int64_t* dks, float* dv,
+                       const int64_t* dvs) {
   const Problem& p = *pp;
   const int64_t G = p.Hq / p.Hkv, nI = n_blocks(p.Tq, p.bq);
   // Tasks own one key/value head and a part of its query group; when the (batch, kv head)
@@ -324,28 +336,32 @@ void attnswap_backward(const Problem* pp, const float* do_, const int64_t* dos, 
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t part = t % split, bk_ = t / split;
       const int64_t b = bk_ / p.Hkv, hk = bk_ % p.Hkv;
+      // row strides of this task's dK / dV (a split's partials are contiguous)
       float* DK; float* DV;
+      int64_t ldk, ldv;
       if (split > 1) {
         DK = partial.data() + t * kv_elems;
         DV = DK + p.Tk * p.D;
+        ldk = p.D, ldv = p.Dv;
       } else {
-        DK = dk + (b * p.Hkv + hk) * p.Tk * p.D;
-        DV = dv + (b * p.Hkv + hk) * p.Tk * p.Dv;
+        DK = dk + b * dks[0] + hk * dks[1];
+        DV = dv + b * dvs[0] + hk * dvs[1];
+        ldk = dks[2], ldv = dvs[2];
       }
-      std::memset(DK, 0, sizeof(float) * p.Tk * p.D);
-      std::memset(DV, 0, sizeof(float) * p.Tk * p.Dv);
+      zero_rows(DK, p.Tk, p.D, ldk);
+      zero_rows(DV, p.Tk, p.Dv, ldv);
       const float* K = p.k + b * p.ks[0] + hk * p.ks[1];
       const float* V = p.v + b * p.vs[0] + hk * p.vs[1];
       for (int64_t g = part * gper; g < (part + 1) * gper; ++g) {
         const int64_t h = hk * G + g;
-        float* DQh = dq + (b * p.Hq + h) * p.Tq * p.D;
-        std::memset(DQh, 0, sizeof(float) * p.Tq * p.D);
+        float* DQh = dq + b * dqs[0] + h * dqs[1];
+        zero_rows(DQh, p.Tq, p.D, dqs[2]);
         for (int64_t ti = 0; ti < nI; ++ti) {
           const int64_t i0 = ti * p.bq;
           const int n = (int)std::min<int64_t>(p.bq, p.Tq - i0);
           const float* Q = p.q + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2];
           const float* dO = do_ + b * dos[0] + h * dos[1] + i0 * dos[2];
-          float* DQ = DQh + i0 * p.D;
+          float* DQ = DQh + i0 * dqs[2];
           const int64_t kend = key_end(p, i0, n);
           for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
             const uint8_t cls = tile_class(p, b, h, ti, j0 / p.bk);
@@ -359,12 +375,13 @@ void attnswap_backward(const Problem* pp, const float* do_, const int64_t* dos, 
             weights(p, b, h, i0, n, j0, m, cls, P, keep_s ? xbuf.data() : nullptr);
             // dV_j += f Pᵀ dO ; dP = f dO V_jᵀ  (f = L^-α, folded into the matmuls)
             gemm(true, false, m, (int)p.Dv, n, p.factor, P, m, dO, (int)dos[2], 1.f,
-                 DV + j0 * p.Dv, (int)p.Dv);
+                 DV + j0 * ldv, (int)ldv);
             gemm(false, true, n, m, (int)p.Dv, p.factor, dO, (int)dos[2], Vj, (int)p.vs[2], 0.f, dP, m);
             score_grads(p, n, m, P, keep_s ? xbuf.data() : nullptr, dP);
-            gemm(false, false, n, (int)p.D, m, p.scale, dP, m, Kj, (int)p.ks[2], 1.f, DQ, (int)p.D);
+            gemm(false, false, n, (int)p.D, m, p.scale, dP, m, Kj, (int)p.ks[2], 1.f, DQ,
+                 (int)dqs[2]);
             gemm(true, false, m, (int)p.D, n, p.scale, dP, m, Q, (int)p.qs[2], 1.f,
-                 DK + j0 * p.D, (int)p.D);
+                 DK + j0 * ldk, (int)ldk);
           }
         }
       }
@@ -374,20 +391,28 @@ void attnswap_backward(const Problem* pp, const float* do_, const int64_t* dos, 
     const int64_t pairs = p.B * p.Hkv;
 #pragma omp parallel for num_threads(p.threads)
     for (int64_t bk_ = 0; bk_ < pairs; ++bk_) {
-      float* DK = dk + bk_ * p.Tk * p.D;
-      float* DV = dv + bk_ * p.Tk * p.Dv;
+      const int64_t b = bk_ / p.Hkv, hk = bk_ % p.Hkv;
+      float* DK = dk + b * dks[0] + hk * dks[1];
+      float* DV = dv + b * dvs[0] + hk * dvs[1];
       const float* src0 = partial.data() + bk_ * split * kv_elems;
-      std::memcpy(DK, src0, sizeof(float) * p.Tk * p.D);
-      std::memcpy(DV, src0 + p.Tk * p.D, sizeof(float) * p.Tk * p.Dv);
-      for (int64_t s = 1; s < split; ++s) {
-        const float* src = src0 + s * kv_elems;
-        for (int64_t e = 0; e < p.Tk * p.D; ++e) DK[e] += src[e];
-        for (int64_t e = 0; e < p.Tk * p.Dv; ++e) DV[e] += src[p.Tk * p.D + e];
+      // the parts summed in split order, row by row (deterministic)
+      for (int64_t r = 0; r < p.Tk; ++r) {
+        float* dkr = DK + r * dks[2];
+        float* dvr = DV + r * dvs[2];
+        const float* sk = src0 + r * p.D;
+        const float* sv = src0 + p.Tk * p.D + r * p.Dv;
+        for (int64_t e = 0; e < p.D; ++e) dkr[e] = sk[e];
+        for (int64_t e = 0; e < p.Dv; ++e) dvr[e] = sv[e];
+        for (int64_t s = 1; s < split; ++s) {
+          const float* src = src0 + s * kv_elems;
+          for (int64_t e = 0; e < p.D; ++e) dkr[e] += src[r * p.D + e];
+          for (int64_t e = 0; e < p.Dv; ++e) dvr[e] += src[p.Tk * p.D + r * p.Dv + e];
+        }
       }
     }
   }
 }
 
-int attnswap_abi_version() { return 1; }
+int attnswap_abi_version() { return 2; }
 
 }  // extern "C"

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("attention.cpp")
-ABI_VERSION = 1
+ABI_VERSION = 2
 ENV_CACHE = "ATTNSWAP_CACHE_DIR"
 ENV_CXX = "CXX"
 
@@ -98,9 +98,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         raise FusedBuildError("the cached fused kernel has another ABI version; delete "
                               f"{_cache_dir()} and retry")
     vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.attnswap_forward.argtypes = [vp, vp]
+    lib.attnswap_forward.argtypes = [vp, vp, vp]
     lib.attnswap_forward.restype = None
-    lib.attnswap_backward.argtypes = [vp, vp, vp, vp, vp, vp]
+    lib.attnswap_backward.argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, vp]
     lib.attnswap_backward.restype = None
     lib.attnswap_classify_mask.argtypes = [vp, i32, i64, i64, i64, i64, vp, f32, i32, i32, vp, i32]
     lib.attnswap_classify_mask.restype = None
