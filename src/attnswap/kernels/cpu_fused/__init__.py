@@ -230,7 +230,7 @@ def _problem(lib, q, k, v, mask, p: AttentionParams):
         tiles = _tile_classes(lib, mask, m, is_bool, thr, bq, bk)
         keep += [m, tiles]
         pr.mask, pr.mask_bool, pr.mask_thr = m.data_ptr(), int(is_bool), thr
-        pr.ms = (ctypes.c_int64 * 4)(*_broadcast_strides(m.expand(B, Hq, Tq, Tk)))
+        pr.ms = (ctypes.c_int64 * 4)(*_broadcast_strides(m))  # 4-dim: strides 0 where size 1
         pr.tiles = tiles.data_ptr()
         pr.ts = (ctypes.c_int64 * 4)(*_broadcast_strides(tiles))
     pr.kind = 0 if p.kind == "sigmoid" else 1
