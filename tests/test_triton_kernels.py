@@ -432,3 +432,49 @@ def test_empty_and_tiny_shapes():
     p = AttentionParams(kind="relu", scale=0.1)
     out = tk.forward(q, k[:, :, :0], v[:, :, :0], None, p)
     assert out.shape == (1, 1, 1, 32) and (out == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# tiles a visibility mask hides entirely are skipped
+
+
+def _count_tiles(monkeypatch):
+    """Visited and skipped tiles of the forward and dQ kernels, read off ``tile_visible`` itself
+    (the interpreter looks the kernels' globals up at run time, so a wrapper in the kernel
+    modules sees every call)."""
+    from attnswap.kernels.triton import bwd, fwd
+
+    seen = {"visible": 0, "hidden": 0}
+    for mod in (fwd, bwd):
+        real = mod.tile_visible
+
+        def spy(*args, _real=real):
+            vis = _real(*args)
+            seen["visible" if bool(vis) else "hidden"] += 1
+            return vis
+
+        monkeypatch.setattr(mod, "tile_visible", spy)
+    return seen
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="counts tiles through the interpreter")
+@pytest.mark.parametrize("kind,mask_kind", [("softmax", "bool"), ("sigmoid", "bool"),
+                                            ("sigmoid", "hf_float"), ("relu", "hf_float")])
+def test_tiles_a_padding_mask_hides_are_skipped_and_change_nothing(kind, mask_kind, monkeypatch):
+    """A padded batch (HF's [B, 1, 1, Tk] key-padding mask; row 1 keeps 40 of 150 keys, so two of
+    its three 64-key blocks are hidden for every query): those tiles are skipped in the forward
+    and dQ kernels, and the outputs, q/k/v gradients and the float mask's gradient are the
+    reference's."""
+    B, Hq, Tq, Tk = 2, 2, 70, 150
+    keep = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+    keep[1, ..., 40:] = False
+    mask = keep if mask_kind == "bool" else torch.zeros(B, 1, 1, Tk).masked_fill(~keep, FINFO_MIN)
+    mask = mask.to(DEVICE)
+    seen = _count_tiles(monkeypatch)
+    check_against_reference(kind, B=B, Hq=Hq, Hkv=1, Tq=Tq, Tk=Tk, D=16, mask=mask,
+                            mask_grad=mask_kind != "bool")
+    # forward and dQ: 2 batches x 2 heads x 2 query blocks x 3 key blocks, of which batch 1's
+    # last 2 key blocks hide everything: 8 of 24 tiles skipped per kernel (softmax's statistics
+    # pass is another forward). The dK/dV kernel visits every tile (see bwd.py).
+    passes = 3 if kind == "softmax" else 2
+    assert seen == {"visible": 16 * passes, "hidden": 8 * passes}, seen

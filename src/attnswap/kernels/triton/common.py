@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..params import LENGTH_VISIBLE, AttentionParams
+from ..mask_cache import MaskObjectCache
 from ..reference import masked_threshold
 
 # ``triton.jit`` decides at decoration time whether it builds an interpreted function; this module
@@ -118,12 +119,42 @@ class MaskInfo:
     vis: bool
     is_bool: bool
     threshold: float
+    cells: torch.Tensor = None  # uint8 [Bm, Hm, ceil(R/16), ceil(C/16)]: any entry visible
+    cell_strides: tuple = (0, 0, 0, 0)  # expanded to [B, Hq, ceil(Tq/16), ceil(Tk/16)]
+
+
+# Granularity of the visible-cell table (every autotuned BLOCK_M / BLOCK_N is a multiple of it).
+CELL: tl.constexpr = tl.constexpr(16)
+_cells_cache = MaskObjectCache()
+
+
+def visible_cells(vis: torch.Tensor) -> torch.Tensor:
+    """``vis [Bm, Hm, R, C]`` (bool, the mask's own broadcast shape) → uint8 ``[Bm, Hm,
+    ceil(R/16), ceil(C/16)]``: 1 where a 16 x 16 cell holds a visible entry. Size-1 (broadcast)
+    dims stay 1."""
+    Bm, Hm, R, C = vis.shape
+    cr, cc = (16 if R > 1 else 1), (16 if C > 1 else 1)
+    nr, nc = -(-R // cr), -(-C // cc)
+    if nr * cr != R or nc * cc != C:
+        vis = torch.nn.functional.pad(vis, (0, nc * cc - C, 0, nr * cr - R))
+    cells = vis.view(Bm, Hm, nr, cr, nc, cc).any(5).any(3)
+    return cells.to(torch.uint8).contiguous()
+
+
+def _cell_strides(cells: torch.Tensor, B: int, Hq: int, Tq: int, Tk: int) -> tuple:
+    return cells.expand(B, Hq, -(-Tq // 16), -(-Tk // 16)).stride()
+
+
+def _with_cells(info: "MaskInfo", cells: torch.Tensor, B: int, Hq: int, Tq: int, Tk: int):
+    info.cells, info.cell_strides = cells, _cell_strides(cells, B, Hq, Tq, Tk)
+    return info
 
 
 def prepare_mask(attn_mask, kind: str, q: torch.Tensor, Tk: int) -> MaskInfo:
     B, Hq, Tq = q.shape[:3]
     if attn_mask is None:
-        return MaskInfo(q.new_empty(1), (0, 0, 0, 0), False, False, False, 0.0)
+        none = q.new_empty(1)
+        return MaskInfo(none, (0, 0, 0, 0), False, False, False, 0.0, none, (0, 0, 0, 0))
     if attn_mask.dim() != 4:
         raise ValueError(f"the Triton kernels take a 4-dim (unsqueezed) mask; got {attn_mask.shape}")
     m = attn_mask
@@ -131,16 +162,24 @@ def prepare_mask(attn_mask, kind: str, q: torch.Tensor, Tk: int) -> MaskInfo:
         m = m.to(q.device)
     if m.dtype == torch.bool:
         strides = m.expand(B, Hq, Tq, Tk).stride()
-        return MaskInfo(m.view(torch.uint8), strides, False, True, True, 0.0)
+        cells = _cells_cache.get(attn_mask, ("bool", m.device), lambda: visible_cells(m))
+        return _with_cells(MaskInfo(m.view(torch.uint8), strides, False, True, True, 0.0),
+                           cells, B, Hq, Tq, Tk)
     threshold = masked_threshold(m.dtype)
     if m.dtype == torch.float64:
         # Kernels read fp32. Keep the "masked" decision exact: decide it in fp64, then mark -inf.
         m = m.masked_fill(m <= threshold, float("-inf")).to(torch.float32)
         threshold = masked_threshold(torch.float32)
     strides = m.expand(B, Hq, Tq, Tk).stride()
-    is_softmax = kind == "softmax"
-    # For softmax a float mask is a pure addition (SDPA); for the others it also hides keys.
-    return MaskInfo(m, strides, True, not is_softmax, False, float(threshold))
+    if kind == "softmax":  # a float mask is a pure addition there (SDPA), it hides nothing
+        none = q.new_empty(1)
+        return MaskInfo(m, strides, True, False, False, float(threshold), none, (0, 0, 0, 0))
+    # For the other kinds it also hides keys: the kernels' own rule, (m <= threshold) == 0
+    # (so NaN counts as visible: a cell is skipped only where the kernel would see nothing).
+    cells = _cells_cache.get(attn_mask, ("float", m.device, float(threshold)),
+                             lambda: visible_cells((m <= threshold) == 0))
+    return _with_cells(MaskInfo(m, strides, True, True, False, float(threshold)),
+                       cells, B, Hq, Tq, Tk)
 
 
 def reduce_mask_grad(dmask_full: torch.Tensor, mask_shape) -> torch.Tensor:
@@ -307,6 +346,27 @@ def activation_grad(s, ACT: tl.constexpr):
     else:
         sg = sigmoid_accurate(s)
         return sg * (1.0 - sg)
+
+
+@triton.jit
+def tile_visible(Tiles, t_base, start_m, start_n, stm, stn, Tq, Tk,
+                 MASK_VIS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether the user mask lets any query of ``[start_m, start_m + BLOCK_M)`` see any key of
+    ``[start_n, start_n + BLOCK_N)``, read off the mask's table of visible 16 x 16 cells
+    (:func:`visible_cells`): BLOCK_M/16 x BLOCK_N/16 bytes, not the mask tile itself, so the check
+    costs no registers the tile loops need (the forward's 128 x 128 tiles sit at the sm90 limit).
+    A tile the mask hides entirely (padded keys, a padded query block) adds nothing to O, dQ, dK,
+    dV or the mask gradient in any kind (softmax included: its weights there are 0, and a row
+    max still at -inf leaves the running sums as they are), so the kernels skip its matmuls.
+    Without a visibility mask every tile is visited."""
+    if MASK_VIS:
+        r = start_m // CELL + tl.arange(0, BLOCK_M // CELL)
+        c = start_n // CELL + tl.arange(0, BLOCK_N // CELL)
+        inb = (r[:, None] < tl.cdiv(Tq, CELL)) & (c[None, :] < tl.cdiv(Tk, CELL))
+        cells = tl.load(Tiles + t_base + r[:, None] * stm + c[None, :] * stn, mask=inb, other=0)
+        return tl.max(cells) != 0
+    else:
+        return True
 
 
 @triton.jit

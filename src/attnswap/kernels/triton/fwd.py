@@ -13,8 +13,10 @@
 
 Key blocks come in two loops: interior blocks with no per-element masking at all (no key tail, not
 on the causal diagonal), then boundary blocks (the causal diagonal, the key tail) with ``tl.where``.
-Blocks above the causal diagonal are never visited. A user mask (bool or float) is read per element
-in every visited block, through its own strides (0 on broadcast dims). Base offsets are int64.
+Blocks above the causal diagonal are never visited, nor are blocks a visibility mask hides entirely
+(:func:`.common.tile_visible`: padded keys, padded query blocks). A user mask (bool or float) is
+read per element in every visited block, through its own strides (0 on broadcast dims). Base
+offsets are int64.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .common import (
     kernel_scalars,
     prepare_mask,
     sigmoid_kind,
+    tile_visible,
 )
 
 
@@ -133,12 +136,13 @@ def _fwd_block(
 @triton.autotune(configs=fwd_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_fwd})
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Mask, Stats,
+    Q, K, V, Out, Mask, Cells, Stats,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
     smb, smh, smm, smn,
+    scb, sch, scm, scn,
     Hq, Tq, Tk, GROUPS,
     scale, sig_bias, post, alpha, mthr, seed_term, drop_thr, drop_scale,
     TQ_BUCKET, TK_BUCKET,
@@ -159,6 +163,7 @@ def _attn_fwd(
     k_base = b64 * skb + hk64 * skh
     v_base = b64 * svb + hk64 * svh
     m_base = b64 * smb + h64 * smh
+    c_base = b64 * scb + h64 * sch
     row_base = (b64 * Hq + h64) * Tq
     drop_base = row_base * Tk
 
@@ -183,19 +188,25 @@ def _attn_fwd(
     else:
         hi = Tk
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i, cnt = _fwd_block(
-            acc, m_i, l_i, cnt, q, offs_m, start_n, K, V, Mask, k_base, v_base, m_base, drop_base,
-            skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr,
-            KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT, FAST_SIG, USE_ASM,
-            F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False,
-        )
+        if tile_visible(Cells, c_base, start_m, start_n, scm, scn, Tq, Tk, MASK_VIS, BLOCK_M,
+                        BLOCK_N):
+            acc, m_i, l_i, cnt = _fwd_block(
+                acc, m_i, l_i, cnt, q, offs_m, start_n, K, V, Mask, k_base, v_base, m_base,
+                drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
+                seed_term, drop_thr, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE,
+                DROPOUT, FAST_SIG, USE_ASM, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                BLOCK_N, False,
+            )
     for start_n in range(n_full, hi, BLOCK_N):
-        acc, m_i, l_i, cnt = _fwd_block(
-            acc, m_i, l_i, cnt, q, offs_m, start_n, K, V, Mask, k_base, v_base, m_base, drop_base,
-            skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr, seed_term, drop_thr,
-            KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE, DROPOUT, FAST_SIG, USE_ASM,
-            F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True,
-        )
+        if tile_visible(Cells, c_base, start_m, start_n, scm, scn, Tq, Tk, MASK_VIS, BLOCK_M,
+                        BLOCK_N):
+            acc, m_i, l_i, cnt = _fwd_block(
+                acc, m_i, l_i, cnt, q, offs_m, start_n, K, V, Mask, k_base, v_base, m_base,
+                drop_base, skn, skd, svn, svd, smm, smn, Tq, Tk, scale, sig_bias, post, mthr,
+                seed_term, drop_thr, KIND, ACT, CAUSAL, MASK_ADD, MASK_VIS, MASK_BOOL, VISIBLE,
+                DROPOUT, FAST_SIG, USE_ASM, F32, DOT_PREC, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                BLOCK_N, True,
+            )
 
     row_ok = offs_m < Tq
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -245,8 +256,8 @@ def launch_forward(q, k, v, attn_mask, p, *, out=None, stats=None, grad_out=None
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), Hq, B)  # noqa: E731
     launch(
         _attn_fwd, grid,
-        q, k, v, o, mi.tensor, stats,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mi.strides,
+        q, k, v, o, mi.tensor, mi.cells, stats,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mi.strides, *mi.cell_strides,
         Hq, Tq, Tk, Hq // Hkv,
         float(p.scale), sc.sig_bias, sc.post, sc.alpha, mi.threshold, sc.seed_term, sc.drop_thr,
         sc.drop_scale,
