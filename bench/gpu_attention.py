@@ -67,6 +67,11 @@ def parse_args(argv):
     ap.add_argument("--causal", default="false,true", help="comma-separated: false,true")
     ap.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma-separated: fwd,bwd,fwd+bwd")
     ap.add_argument("--fast-sigmoid", action="store_true", help="sigmoid through tanh.approx")
+    ap.add_argument("--padded", type=float, default=0.0,
+                    help="a padded batch: every other row hides this fraction of its keys with a "
+                         "[B, 1, 1, T] bool mask (SDPA then runs its efficient backend; FLOPs "
+                         "stay those of the unpadded problem, so the ratio shows what skipping "
+                         "the hidden tiles buys)")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     ap.add_argument("--out", default=None, help="append the results as a markdown table to this file")
@@ -185,7 +190,17 @@ def main(argv=None) -> int:
                 for t in (q, k, v):
                     t.requires_grad_(True)
 
+                mask = None
+                if args.padded > 0:
+                    mask = torch.ones(B, 1, 1, T, dtype=torch.bool, device=dev)
+                    mask[::2, ..., T - int(args.padded * T):] = False
+
                 def sdpa(q, k, v):
+                    if mask is not None:  # flash takes no mask
+                        if causal:
+                            tri = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+                            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask & tri)
+                        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
@@ -200,7 +215,7 @@ def main(argv=None) -> int:
                         opts["fast_sigmoid"] = True
 
                     def ours(q, k, v, opts=opts):
-                        return attention(q, k, v, **opts)
+                        return attention(q, k, v, mask, **opts)
 
                     try:
                         res = measure(ours, q, k, v, do)
@@ -212,7 +227,8 @@ def main(argv=None) -> int:
                         tf = flops[mode] / (ms * 1e-3) / 1e12 if ms else None
                         btf = flops[mode] / (base_ms * 1e-3) / 1e12 if base_ms else None
                         rows.append(dict(
-                            kind=kind + (" (fast)" if opts.get("fast_sigmoid") else ""), D=D,
+                            kind=kind + (" (fast)" if opts.get("fast_sigmoid") else "")
+                            + (f" (padded {args.padded:g})" if mask is not None else ""), D=D,
                             causal=causal, T=T, B=B, H=H, mode=mode, ms=ms, tflops=tf,
                             sdpa_tflops=btf, ratio=(tf / btf) if tf and btf else None,
                             peak=(tf / peak) if tf and peak else None,
