@@ -136,3 +136,25 @@ def test_only_sdpa_sites_on_projection_views_ask_for_the_layout():
     assert not _bthd_output(site(torch.empty(B, H, T, D)))
     assert not _bthd_output(site(torch.empty(B, T, 1, D).transpose(1, 2)))  # one head: ambiguous
     assert not _bthd_output(site(torch.empty(B * H, T, D)))
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "sas"])
+def test_traced_sites_keep_the_layout_too(kind):
+    """Under an AOT inner compiler the site is traced as the ``attnswap::attention`` op: the
+    layout is a copy in the graph, so the model's stride-bound ``view`` after it still traces."""
+    from attnswap.kernels import op
+
+    torch.manual_seed(0)
+    model = ViewAfterSdpa()
+    x = torch.randn(B, T, C)
+    converted = attnswap.convert(model, kind, (x,), inner="aot_eager")
+    before = op.total_calls()
+    y = converted(x)
+    assert op.total_calls() > before
+    y.square().mean().backward()
+    if kind == "sas":
+        assert_close(y, model(x), dtype=torch.float32)
+    else:
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in model.qkv(x).split(C, dim=-1))
+        ref = attention_reference(q, k, v, None, kind=kind)
+        assert_close(y, model.proj(ref.transpose(1, 2).reshape(B, T, C)), dtype=torch.float32)

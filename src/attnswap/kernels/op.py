@@ -455,7 +455,8 @@ def attention(
     PyTorch's CPU SDPA returns for the usual projection views: the model's
     ``transpose(1, 2).reshape(B, T, H·D)`` is then free, and so is every ``view`` the model's
     code could apply to its SDPA output). The fused CPU kernel writes it directly; other kernels
-    are copied into it. Traced calls (the ``attnswap::attention`` op) return contiguous outputs.
+    are copied into it, and so is the ``attnswap::attention`` op's (contiguous) output in traced
+    calls.
     """
     if impl is None:
         impl = impl_default()
@@ -493,11 +494,14 @@ def attention(
             call_counts[(params.kind, ran)] += 1
             return in_layout(_forward(q, k, v, _mask4d(attn_mask), params, ran), layout)
         return _EagerAttention.apply(q, k, v, attn_mask, params, ran, layout)
-    return attention_op(
+    out = attention_op(
         q, k, v, attn_mask, params.kind, params.scale, params.is_causal, params.dropout_p, seed,
         params.sigmoid_bias, params.activation, params.alpha, params.length, params.fast_sigmoid,
         a["impl"],
     )
+    # The op's output is contiguous (its fake says so); the strides asked for are a copy in the
+    # traced graph, so code after the site traces (and exports) as it did on the original.
+    return out if layout is None else in_layout(out, layout)
 
 
 __all__ = ["attention", "attention_op", "attention_backward_op", "call_counts",
