@@ -418,3 +418,36 @@ def test_every_path_returns_the_layout_asked_for(impl, env, monkeypatch):
     assert_close(out, attention_reference(q, k, v, None, kind="relu"), dtype=torch.float32)
     with pytest.raises(ValueError, match="layout"):
         attnswap.attention(q, k, v, kind="relu", impl=impl, layout="bhtd")
+
+
+@pytest.mark.parametrize("layout", [None, "bthd"])
+def test_token_broadcast_operands_are_read_as_what_they_are(layout):
+    """Operands whose token dim is expanded (stride 0): a ``grad_out`` from ``out.sum(dim=2)``
+    (any reduction over tokens right after the site) and a key expanded over T. BLAS walks token
+    rows with a leading dimension; a stride-0 row must be materialized, not read as D apart."""
+    B, H, T, D = 2, 3, 40, 8
+    q, v = _bthd(B, H, T, D, 0), _bthd(B, H, T, D, 1)
+    k = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(2)).expand(B, H, T, D)
+    ins = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    before = dict(cpu_fused.path_counts)
+    out = attnswap.attention(*ins, kind="sigmoid", impl="cpu", layout=layout)
+    grads = torch.autograd.grad(out.sum(2).square().sum(), ins)
+    ran = {key: n - before.get(key, 0) for key, n in cpu_fused.path_counts.items()}
+    assert ran.get(("forward", "fused")) == 1 and ran.get(("backward", "fused")) == 1, ran
+    rin = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    ref = attention_reference(*rin, None, kind="sigmoid")
+    rgrads = torch.autograd.grad(ref.sum(2).square().sum(), rin)
+    assert_close(out, ref, dtype=torch.float32)
+    for name, a, b in zip("qkv", grads, rgrads):
+        assert_close(a, b, dtype=torch.float32, msg=lambda m, name=name: f"d{name}\n{m}")
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_a_bthd_output_is_its_own_tensor(fused, monkeypatch):
+    """Not a transposed view: in-place ops on the site output (a model's ``out.mul_(gate)``) are
+    allowed where they were before."""
+    monkeypatch.setenv(cpu_fused.ENV_FUSED, fused)
+    q, k, v = (_bthd(1, 2, 9, 8, s).requires_grad_(True) for s in range(3))
+    out = attnswap.attention(q, k, v, kind="relu", impl="cpu", layout="bthd")
+    assert out._base is None and _is_bthd(out)
+    out.mul_(2.0)  # in grad mode: no "output of a Function is a view ... modified inplace"

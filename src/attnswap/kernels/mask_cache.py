@@ -4,7 +4,9 @@ HF models pass one mask object to every layer, and the backward gets the forward
 classification computed once serves the whole forward and backward. A weak reference proves the
 object is the same one (an id alone could be reused by a new tensor), and an in-place change
 bumps the tensor's ``_version``, which invalidates the entry. Inference tensors have no version
-counter to prove them unchanged: they are computed afresh every call.
+counter to prove them unchanged: they are computed afresh every call. A write the version
+counter does not see (through ``mask.data``, or through a numpy / DLPack alias of its memory)
+leaves the entry stale: change a mask with an in-place tensor op, or pass a new mask.
 """
 
 from __future__ import annotations

@@ -222,7 +222,11 @@ def in_layout(out: torch.Tensor, layout: str | None) -> torch.Tensor:
         return out.contiguous()
     if out.transpose(1, 2).is_contiguous():
         return out
-    return out.transpose(1, 2).contiguous().transpose(1, 2)
+    B, H, T, D = out.shape
+    # a fresh tensor with those strides, not a transposed view (in-place ops on a view that an
+    # autograd.Function returns are refused)
+    return torch.empty_strided(out.shape, (T * H * D, D, H * D, 1), dtype=out.dtype,
+                               device=out.device).copy_(out)
 
 
 def _backward_by_recompute(fn, grad_out, q, k, v, mask, need_mask_grad):

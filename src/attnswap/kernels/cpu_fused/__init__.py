@@ -137,10 +137,14 @@ def threads(scores: int | None = None) -> int:
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 with a unit head-dim stride (any batch/head/token strides: BLAS takes them)."""
+    """fp32 as BLAS reads it: a unit head-dim stride and token rows that do not overlap (a token
+    stride of at least the row: BLAS's leading dimension). Any batch/head strides, 0 included.
+    An expanded token dim (a ``grad_out`` from ``out.sum(dim=tokens)``, a ``[.., 1, D]`` key
+    expanded over T) is materialized."""
     if t.dtype != torch.float32:
         t = t.to(torch.float32)
-    if t.stride(-1) != 1 and t.shape[-1] != 1:
+    rows_ok = t.shape[2] == 1 or t.stride(2) >= t.shape[3]
+    if (t.stride(-1) != 1 and t.shape[-1] != 1) or not rows_ok:
         t = t.contiguous()
     return t
 
@@ -169,7 +173,10 @@ def out_strides(layout: str | None):
         raise ValueError(f"layout={layout!r}: expected None or 'bthd'")
     if layout is None:
         return lambda B, H, T, Dv: torch.empty(B, H, T, Dv, dtype=torch.float32)
-    return lambda B, H, T, Dv: torch.empty(B, T, H, Dv, dtype=torch.float32).transpose(1, 2)
+    # empty_strided, not a transposed view: an autograd.Function's output that is a view
+    # refuses in-place ops on it
+    return lambda B, H, T, Dv: torch.empty_strided((B, H, T, Dv), (T * H * Dv, Dv, H * Dv, 1),
+                                                   dtype=torch.float32)
 
 
 def _mask_operand(mask: torch.Tensor, Tk: int):
