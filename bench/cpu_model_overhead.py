@@ -100,6 +100,37 @@ def main(argv=None):
             print(f"{T:5d} {'fwd+bwd' if backward else 'fwd':8} {base * 1e3:7.1f} ms {cells}   {added}",
                   flush=True)
         print("      " + region_overhead(original, models[kinds[0]], ids, mask), flush=True)
+    print("      " + op_overhead(kinds), flush=True)
+
+
+def op_overhead(kinds, reps: int = 2000) -> str:
+    """Per-call cost of ``attnswap.attention`` itself (validation, dispatch, the kernel's set-up)
+    on a problem too small to compute anything (``[1, 2, 8, 8]``, a key-padding float mask),
+    against ``F.scaled_dot_product_attention`` on the same inputs; forward, and forward+backward."""
+    import timeit
+
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(1, 2, 8, 8) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, 8)
+    mask[..., -2:] = torch.finfo(torch.float32).min
+    qg = q.clone().requires_grad_(True)
+
+    def fb(fn):
+        def run():
+            fn(qg).sum().backward()
+        return run
+
+    arms = {"sdpa": lambda x: F.scaled_dot_product_attention(x, k, v, mask)}
+    arms.update({kind: (lambda x, kind=kind: attnswap.attention(x, k, v, mask, kind=kind))
+                 for kind in kinds})
+    out = []
+    for name, fn in arms.items():
+        with torch.no_grad():
+            fwd = min(timeit.repeat(lambda: fn(q), number=reps // 10, repeat=10)) / (reps // 10)
+        both = min(timeit.repeat(fb(fn), number=reps // 10, repeat=10)) / (reps // 10)
+        out.append(f"{name} {fwd * 1e6:.0f} / {both * 1e6:.0f} µs")
+    return "one op call at [1, 2, 8, 8], fwd / fwd+bwd (the per-call overhead): " + ", ".join(out)
 
 
 def region_overhead(original, converted, ids, mask, reps: int = 300) -> str:
