@@ -112,11 +112,16 @@ def unsupported(q, k, v, mask, p: AttentionParams, need_mask_grad: bool = False)
     return None
 
 
-def block_sizes() -> tuple[int, int]:
-    from ..cpu import ENV_BLOCK, block_sizes as tiled_block_sizes  # cpu imports this module
+def _cpu():
+    from .. import cpu  # cpu imports this module: bound on first use
 
-    if os.environ.get(ENV_BLOCK, "").strip():
-        return tiled_block_sizes(1)  # the same override (and its error) as the tiled kernel
+    return cpu
+
+
+def block_sizes() -> tuple[int, int]:
+    cpu = _cpu()
+    if os.environ.get(cpu.ENV_BLOCK, "").strip():
+        return cpu.block_sizes(1)  # the same override (and its error) as the tiled kernel
     return BLOCK_Q, BLOCK_K
 
 
@@ -125,11 +130,10 @@ def threads(scores: int | None = None) -> int:
     thread below ``PARALLEL_MIN_SCORES``), since a team's barrier waits for its slowest thread,
     and on a machine where another process holds a core that costs a small call more than its
     work (measured: the training CLI's tiny steps 16 % slower with 2 threads under pytest -n 2)."""
-    from ..cpu import PARALLEL_MIN_SCORES, num_workers
-
-    if scores is not None and scores < PARALLEL_MIN_SCORES:
+    cpu = _cpu()
+    if scores is not None and scores < cpu.PARALLEL_MIN_SCORES:
         return 1
-    return max(1, num_workers())
+    return max(1, cpu.num_workers())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,20 +220,30 @@ def _tile_classes(lib, mask, m, is_bool, thr, bq, bk):
     return _tile_cache.get(mask, (bq, bk), lambda: _classify(lib, m, is_bool, thr, bq, bk))
 
 
+_ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
+_I64x3 = ctypes.c_int64 * 3
+_I64x4 = ctypes.c_int64 * 4
+
+
+def _rows(t: torch.Tensor):
+    """``(data_ptr, strides3)`` of a 4-dim operand (see :func:`_strides3`)."""
+    return t.data_ptr(), _I64x3(*_strides3(t))
+
+
 def _problem(lib, q, k, v, mask, p: AttentionParams):
-    """The C struct for one call, and the tensors it points into (kept alive by the caller)."""
+    """The C struct for one call, and the tensors it points into (kept alive by the caller).
+    (Written field by field, without helpers per field: it runs twice per training step and
+    site, and every Python step here is a visible part of a small layer's time.)"""
     B, Hq, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    causal = p.is_causal
     bq, bk = block_sizes()
     bq, bk = min(bq, Tq), min(bk, Tk)
     pr = _Problem()
     pr.B, pr.Hq, pr.Hkv, pr.Tq, pr.Tk, pr.D, pr.Dv = B, Hq, Hkv, Tq, Tk, D, Dv
+    pr.q, pr.qs = _rows(q)
+    pr.k, pr.ks = _rows(k)
+    pr.v, pr.vs = _rows(v)
     keep = [q, k, v]
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        setattr(pr, name, t.data_ptr())
-        setattr(pr, name[0] + "s", (ctypes.c_int64 * 3)(*_strides3(t)))
-    pr.mask = None
     if mask is not None:
         # The tile classes are cached on the caller's mask object itself (a detached copy
         # would be a new object every call).
@@ -237,15 +251,15 @@ def _problem(lib, q, k, v, mask, p: AttentionParams):
         tiles = _tile_classes(lib, mask, m, is_bool, thr, bq, bk)
         keep += [m, tiles]
         pr.mask, pr.mask_bool, pr.mask_thr = m.data_ptr(), int(is_bool), thr
-        pr.ms = (ctypes.c_int64 * 4)(*_broadcast_strides(m))  # 4-dim: strides 0 where size 1
+        pr.ms = _I64x4(*_broadcast_strides(m))  # 4-dim: strides 0 where size 1
         pr.tiles = tiles.data_ptr()
-        pr.ts = (ctypes.c_int64 * 4)(*_broadcast_strides(tiles))
-    pr.kind = 0 if p.kind == "sigmoid" else 1
-    pr.act = ACTIVATIONS.index(p.activation) if p.kind == "relu" else ACTIVATIONS.index("sigmoid")
+        pr.ts = _I64x4(*_broadcast_strides(tiles))
+    if p.kind == "sigmoid":
+        pr.kind, pr.act, pr.bias, pr.factor = 0, _ACT_CODE["sigmoid"], p.sigmoid_b(Tk), 1.0
+    else:
+        pr.kind, pr.act, pr.bias, pr.factor = 1, _ACT_CODE[p.activation], 0.0, p.relu_factor(Tk)
     pr.scale = p.scale
-    pr.bias = p.sigmoid_b(Tk) if p.kind == "sigmoid" else 0.0
-    pr.factor = p.relu_factor(Tk) if p.kind == "relu" else 1.0
-    pr.causal = int(causal)
+    pr.causal = int(p.is_causal)
     pr.bq, pr.bk = bq, bk
     pr.threads = threads(B * Hq * Tq * Tk)
     return pr, keep
