@@ -418,9 +418,10 @@ def _attn_bwd_dkdv(
     # Query blocks: [lo, full_lo) and [full_hi, end) need per-element masks (causal diagonal, row
     # tail, or this program's key tail); [full_lo, full_hi) needs none. Above-diagonal blocks
     # (queries that see none of these keys) are skipped. Tiles a padding mask hides are visited
-    # here (the forward and dQ kernels skip them): any change to these loops' bounds or a branch
-    # around their bodies (tried per tile, per head and per program) takes the best sm90 tile,
-    # 64 x 128 at 8 warps / 3 stages, from 255 registers to 24-396 B of spills.
+    # here (the forward and dQ kernels skip them): any change to these loops' bounds, a branch
+    # around their bodies (tried per tile, per head and per program) or an early return of the
+    # whole program for a hidden key block takes the best sm90 tile, 64 x 128 at 8 warps / 3
+    # stages, from 255 registers to 24-396 B of spills.
     end = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M
