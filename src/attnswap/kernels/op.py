@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import reference
+from .layout import check_layout, in_layout
 from .mask_cache import MaskObjectCache
 from ..config import impl_default, triton_interpret
 from ..options import AttnswapOptionError, check_op_args
@@ -211,22 +212,6 @@ def _forward(q, k, v, attn_mask, p: AttentionParams, impl: str, layout: str | No
     if impl == "cpu":  # the fused kernel writes any layout directly
         return _kernel_module(impl).forward(q, k, v, attn_mask, p, layout)
     return _kernel_module(impl).forward(q, k, v, attn_mask, p)
-
-
-LAYOUTS = (None, "bthd")
-
-
-def in_layout(out: torch.Tensor, layout: str | None) -> torch.Tensor:
-    """``out [B, H, T, D]`` in the memory layout ``layout`` names (a copy only if it is not)."""
-    if layout is None:
-        return out.contiguous()
-    if out.transpose(1, 2).is_contiguous():
-        return out
-    B, H, T, D = out.shape
-    # a fresh tensor with those strides, not a transposed view (in-place ops on a view that an
-    # autograd.Function returns are refused)
-    return torch.empty_strided(out.shape, (T * H * D, D, H * D, 1), dtype=out.dtype,
-                               device=out.device).copy_(out)
 
 
 def _backward_by_recompute(fn, grad_out, q, k, v, mask, need_mask_grad):
@@ -464,8 +449,7 @@ def attention(
     """
     if impl is None:
         impl = impl_default()
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+    check_layout(layout)
     validate_inputs(q, k, v, attn_mask)
     a = check_op_args(kind=kind, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
                       dropout_seed=dropout_seed, sigmoid_bias=sigmoid_bias, activation=activation,

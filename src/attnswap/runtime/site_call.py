@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels.op import attention, in_layout
+from ..kernels.layout import in_layout
+from ..kernels.op import attention
 from ..kernels.reference import float_mask_is_masked
 
 # (tensor, coefficient, shape the tensor was broadcast against or None)

@@ -20,6 +20,7 @@ import warnings
 
 import torch
 
+from ..layout import empty
 from ..mask_cache import MaskObjectCache
 from ..params import LENGTH_VISIBLE, AttentionParams
 from ..reference import ACTIVATIONS, masked_threshold
@@ -170,19 +171,6 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
     return g if g.stride(-1) == 1 else torch.empty(t.shape, dtype=torch.float32)
 
 
-def out_strides(layout: str | None):
-    """The output's allocation for ``layout``: None, contiguous ``[B, H, T, Dv]``; ``"bthd"``,
-    ``[B, T, H, Dv]`` in memory (PyTorch's CPU SDPA output for such inputs)."""
-    if layout not in (None, "bthd"):
-        raise ValueError(f"layout={layout!r}: expected None or 'bthd'")
-    if layout is None:
-        return lambda B, H, T, Dv: torch.empty(B, H, T, Dv, dtype=torch.float32)
-    # empty_strided, not a transposed view: an autograd.Function's output that is a view
-    # refuses in-place ops on it
-    return lambda B, H, T, Dv: torch.empty_strided((B, H, T, Dv), (T * H * Dv, Dv, H * Dv, 1),
-                                                   dtype=torch.float32)
-
-
 def _mask_operand(mask: torch.Tensor, Tk: int):
     """(tensor, is_bool, threshold): the mask as bytes or fp32 with a unit key stride."""
     if mask.dtype == torch.bool:
@@ -273,8 +261,8 @@ def forward(q, k, v, mask, p: AttentionParams, layout: str | None = None) -> tor
     lib = load()
     q32, k32, v32 = _f32(q.detach()), _f32(k.detach()), _f32(v.detach())
     pr, keep = _problem(lib, q32, k32, v32, mask, p)
-    out = out_strides(layout)(*q.shape[:3], v.shape[3])
-    lib.attnswap_forward(ctypes.byref(pr), out.data_ptr(), (ctypes.c_int64 * 3)(*_strides3(out)))
+    out = empty((*q.shape[:3], v.shape[3]), layout, torch.float32)
+    lib.attnswap_forward(ctypes.byref(pr), *_rows(out))
     del keep
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
@@ -285,12 +273,7 @@ def backward(grad_out, q, k, v, mask, p: AttentionParams):
     do32 = _f32(grad_out.detach())
     pr, keep = _problem(lib, q32, k32, v32, mask, p)
     dq, dk, dv = _empty_like(q32), _empty_like(k32), _empty_like(v32)
-
-    def strides(t):
-        return (ctypes.c_int64 * 3)(*_strides3(t))
-
-    lib.attnswap_backward(ctypes.byref(pr), do32.data_ptr(), strides(do32), dq.data_ptr(),
-                          strides(dq), dk.data_ptr(), strides(dk), dv.data_ptr(), strides(dv))
+    lib.attnswap_backward(ctypes.byref(pr), *_rows(do32), *_rows(dq), *_rows(dk), *_rows(dv))
     del keep
     return dq, dk, dv
 

@@ -119,12 +119,14 @@ class MaskInfo:
     vis: bool
     is_bool: bool
     threshold: float
-    cells: torch.Tensor = None  # uint8 [Bm, Hm, ceil(R/16), ceil(C/16)]: any entry visible
+    cells: torch.Tensor = None  # uint8 [Bm, Hm, ceil(R/16), ceil(C/16)]: any entry visible (a
+    # 1-element dummy without a visibility mask)
     cell_strides: tuple = (0, 0, 0, 0)  # expanded to [B, Hq, ceil(Tq/16), ceil(Tk/16)]
 
 
 # Granularity of the visible-cell table (every autotuned BLOCK_M / BLOCK_N is a multiple of it).
-CELL: tl.constexpr = tl.constexpr(16)
+CELL_SIZE = 16
+CELL: tl.constexpr = tl.constexpr(CELL_SIZE)
 _cells_cache = MaskObjectCache()
 
 
@@ -133,7 +135,7 @@ def visible_cells(vis: torch.Tensor) -> torch.Tensor:
     ceil(R/16), ceil(C/16)]``: 1 where a 16 x 16 cell holds a visible entry. Size-1 (broadcast)
     dims stay 1."""
     Bm, Hm, R, C = vis.shape
-    cr, cc = (16 if R > 1 else 1), (16 if C > 1 else 1)
+    cr, cc = (CELL_SIZE if R > 1 else 1), (CELL_SIZE if C > 1 else 1)
     nr, nc = -(-R // cr), -(-C // cc)
     if nr * cr != R or nc * cc != C:
         vis = torch.nn.functional.pad(vis, (0, nc * cc - C, 0, nr * cr - R))
@@ -141,20 +143,17 @@ def visible_cells(vis: torch.Tensor) -> torch.Tensor:
     return cells.to(torch.uint8).contiguous()
 
 
-def _cell_strides(cells: torch.Tensor, B: int, Hq: int, Tq: int, Tk: int) -> tuple:
-    return cells.expand(B, Hq, -(-Tq // 16), -(-Tk // 16)).stride()
-
-
-def _with_cells(info: "MaskInfo", cells: torch.Tensor, B: int, Hq: int, Tq: int, Tk: int):
-    info.cells, info.cell_strides = cells, _cell_strides(cells, B, Hq, Tq, Tk)
-    return info
+def _cells_fields(cells: torch.Tensor, B: int, Hq: int, Tq: int, Tk: int) -> dict:
+    """``MaskInfo``'s cell table and its strides expanded to the kernels' cell grid."""
+    grid = (B, Hq, -(-Tq // CELL_SIZE), -(-Tk // CELL_SIZE))
+    return {"cells": cells, "cell_strides": cells.expand(grid).stride()}
 
 
 def prepare_mask(attn_mask, kind: str, q: torch.Tensor, Tk: int) -> MaskInfo:
     B, Hq, Tq = q.shape[:3]
     if attn_mask is None:
         none = q.new_empty(1)
-        return MaskInfo(none, (0, 0, 0, 0), False, False, False, 0.0, none, (0, 0, 0, 0))
+        return MaskInfo(none, (0, 0, 0, 0), False, False, False, 0.0, cells=none)
     if attn_mask.dim() != 4:
         raise ValueError(f"the Triton kernels take a 4-dim (unsqueezed) mask; got {attn_mask.shape}")
     m = attn_mask
@@ -163,8 +162,8 @@ def prepare_mask(attn_mask, kind: str, q: torch.Tensor, Tk: int) -> MaskInfo:
     if m.dtype == torch.bool:
         strides = m.expand(B, Hq, Tq, Tk).stride()
         cells = _cells_cache.get(attn_mask, ("bool", m.device), lambda: visible_cells(m))
-        return _with_cells(MaskInfo(m.view(torch.uint8), strides, False, True, True, 0.0),
-                           cells, B, Hq, Tq, Tk)
+        return MaskInfo(m.view(torch.uint8), strides, False, True, True, 0.0,
+                        **_cells_fields(cells, B, Hq, Tq, Tk))
     threshold = masked_threshold(m.dtype)
     if m.dtype == torch.float64:
         # Kernels read fp32. Keep the "masked" decision exact: decide it in fp64, then mark -inf.
@@ -172,14 +171,13 @@ def prepare_mask(attn_mask, kind: str, q: torch.Tensor, Tk: int) -> MaskInfo:
         threshold = masked_threshold(torch.float32)
     strides = m.expand(B, Hq, Tq, Tk).stride()
     if kind == "softmax":  # a float mask is a pure addition there (SDPA), it hides nothing
-        none = q.new_empty(1)
-        return MaskInfo(m, strides, True, False, False, float(threshold), none, (0, 0, 0, 0))
+        return MaskInfo(m, strides, True, False, False, float(threshold), cells=q.new_empty(1))
     # For the other kinds it also hides keys: the kernels' own rule, (m <= threshold) == 0
     # (so NaN counts as visible: a cell is skipped only where the kernel would see nothing).
     cells = _cells_cache.get(attn_mask, ("float", m.device, float(threshold)),
                              lambda: visible_cells((m <= threshold) == 0))
-    return _with_cells(MaskInfo(m, strides, True, True, False, float(threshold)),
-                       cells, B, Hq, Tq, Tk)
+    return MaskInfo(m, strides, True, True, False, float(threshold),
+                    **_cells_fields(cells, B, Hq, Tq, Tk))
 
 
 def reduce_mask_grad(dmask_full: torch.Tensor, mask_shape) -> torch.Tensor:
