@@ -174,6 +174,10 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        # Longest first: a causal query block's work grows with its index, and programs
+        # start in launch order, so the short blocks (not the long ones) fill the last wave.
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
@@ -394,8 +398,8 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    pid_n = tl.program_id(0)  # causal: key block 0 sees the most queries, so launch order
+    hk = tl.program_id(1)     # is already longest first (see _attn_bwd_dq)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)

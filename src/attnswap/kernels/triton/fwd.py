@@ -154,6 +154,10 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        # Longest first: a causal query block's work grows with its index, and programs
+        # start in launch order, so the short blocks (not the long ones) fill the last wave.
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
