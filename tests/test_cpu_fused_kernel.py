@@ -451,3 +451,29 @@ def test_a_bthd_output_is_its_own_tensor(fused, monkeypatch):
     out = attnswap.attention(q, k, v, kind="relu", impl="cpu", layout="bthd")
     assert out._base is None and _is_bthd(out)
     out.mul_(2.0)  # in grad mode: no "output of a Function is a view ... modified inplace"
+
+
+def test_calls_of_one_shape_with_other_strides_masks_and_options_never_share_a_template():
+    """The kernel's C struct is cached per call geometry (``cpu_fused._problem``); calls that
+    share every shape but differ in strides, mask dtype or layout, kind, options or tiling must
+    each get their own fields. They run interleaved, twice, each against the reference."""
+    B, H, T, D = 2, 2, 26, 8  # the padding starts inside a key tile: the kernel reads the mask
+    q, k, v = make_qkv(B, H, H, T, T, D, D)
+    k_bthd = k.transpose(1, 2).contiguous().transpose(1, 2)  # same shape, [B, T, H, D] strides
+    pad = make_mask("hf_padding", B, H, T, T)
+    cases = [
+        (k, None, dict(kind="sigmoid")),
+        (k_bthd, None, dict(kind="sigmoid")),
+        (k, pad, dict(kind="sigmoid")),
+        (k, pad.to(torch.float16), dict(kind="sigmoid")),
+        (k, pad > FLOAT_MIN, dict(kind="sigmoid")),
+        (k, pad.expand(B, H, T, T), dict(kind="sigmoid")),
+        (k, pad, dict(kind="sigmoid", sigmoid_bias=-1.0)),
+        (k, pad, dict(kind="sigmoid", is_causal=True)),
+        (k, pad, dict(kind="relu")),
+        (k, pad, dict(kind="relu", activation="relu2", alpha=0.5)),
+        (k, pad, dict(kind="sigmoid", scale=0.3)),
+    ]
+    for _ in range(2):
+        for kk, mask, kw in cases:
+            check(q, kk, v, mask, **kw)

@@ -323,14 +323,12 @@ def check_op_args(*, kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bi
     A converted model calls the op with the same few argument sets on every step: each set is
     checked once. The key holds every value's type, because ``True == 1 == 1.0`` share a hash
     and type-strictness is the point."""
-    values = (kind, scale, is_causal, dropout_p, sigmoid_bias, activation, alpha, length,
-              fast_sigmoid, impl)
-    key = None
-    if all(type(x) in _HASHABLE for x in values):
-        key = tuple((type(x), x) for x in values)
+    key = op_args_key((kind, scale, is_causal, dropout_p, sigmoid_bias, activation, alpha, length,
+                       fast_sigmoid, impl))
+    if key is not None:
         hit = _OP_ARGS_SEEN.get(key)
         if hit is not None:
-            _check_seed(dropout_seed)
+            check_seed(dropout_seed)
             return hit
     out = _check_op_args(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias,
                          activation, alpha, length, fast_sigmoid, impl)
@@ -342,7 +340,16 @@ def check_op_args(*, kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bi
 _HASHABLE = (str, int, float, bool, type(None))
 
 
-def _check_seed(dropout_seed):
+def op_args_key(values: tuple) -> tuple | None:
+    """A type-strict cache key of option values (``True``, ``1`` and ``1.0`` differ), or None
+    when one of them is not a plain scalar."""
+    for x in values:
+        if type(x) not in _HASHABLE:
+            return None
+    return tuple((type(x), x) for x in values)
+
+
+def check_seed(dropout_seed):
     if not (dropout_seed is None or _is_int(dropout_seed) or (
             isinstance(dropout_seed, torch.Tensor) and dropout_seed.numel() == 1
             and not dropout_seed.dtype.is_floating_point and dropout_seed.dtype != torch.bool)):
@@ -367,7 +374,7 @@ def _check_op_args(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias
         fast_sigmoid=check_fast_sigmoid(fast_sigmoid),
     )
     out["impl"] = check_impl(impl, out["kind"], optional=False)
-    _check_seed(dropout_seed)
+    check_seed(dropout_seed)
     if out["impl"] == "sdpa" and out["dropout_p"] > 0:
         raise AttnswapOptionError("impl", impl, "'sdpa' runs without dropout here",
                                   f"use impl='auto' with dropout_p={dropout_p}")

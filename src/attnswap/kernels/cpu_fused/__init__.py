@@ -113,10 +113,16 @@ def unsupported(q, k, v, mask, p: AttentionParams, need_mask_grad: bool = False)
     return None
 
 
-def _cpu():
-    from .. import cpu  # cpu imports this module: bound on first use
+_cpu_module = None
 
-    return cpu
+
+def _cpu():
+    global _cpu_module
+    if _cpu_module is None:
+        from .. import cpu  # cpu imports this module: bound on first use
+
+        _cpu_module = cpu
+    return _cpu_module
 
 
 def block_sizes() -> tuple[int, int]:
@@ -145,12 +151,13 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     """fp32 as BLAS reads it: a unit head-dim stride and token rows that do not overlap (a token
     stride of at least the row: BLAS's leading dimension). Any batch/head strides, 0 included.
     An expanded token dim (a ``grad_out`` from ``out.sum(dim=tokens)``, a ``[.., 1, D]`` key
-    expanded over T) is materialized."""
+    expanded over T) is materialized. (The kernel reads only ``data_ptr``: no ``detach`` is
+    needed where nothing is converted.)"""
     if t.dtype != torch.float32:
-        t = t.to(torch.float32)
-    rows_ok = t.shape[2] == 1 or t.stride(2) >= t.shape[3]
-    if (t.stride(-1) != 1 and t.shape[-1] != 1) or not rows_ok:
-        t = t.contiguous()
+        t = t.detach().to(torch.float32)
+    n, s = t.shape, t.stride()
+    if (s[3] != 1 and n[3] != 1) or not (n[2] == 1 or s[2] >= n[3]):
+        t = t.detach().contiguous()
     return t
 
 
@@ -218,29 +225,24 @@ def _rows(t: torch.Tensor):
     return t.data_ptr(), _I64x3(*_strides3(t))
 
 
-def _problem(lib, q, k, v, mask, p: AttentionParams):
-    """The C struct for one call, and the tensors it points into (kept alive by the caller).
-    (Written field by field, without helpers per field: it runs twice per training step and
-    site, and every Python step here is a visible part of a small layer's time.)"""
+def _problem_template(lib, q, k, v, mask, p: AttentionParams, threads_: int):
+    """The C struct for a call's geometry, with every field but the data pointers filled, and
+    how its mask is read: ``(struct, (mask passes unchanged, is_bool, threshold))``."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bq, bk = block_sizes()
     bq, bk = min(bq, Tq), min(bk, Tk)
     pr = _Problem()
     pr.B, pr.Hq, pr.Hkv, pr.Tq, pr.Tk, pr.D, pr.Dv = B, Hq, Hkv, Tq, Tk, D, Dv
-    pr.q, pr.qs = _rows(q)
-    pr.k, pr.ks = _rows(k)
-    pr.v, pr.vs = _rows(v)
-    keep = [q, k, v]
+    pr.qs, pr.ks, pr.vs = _I64x3(*_strides3(q)), _I64x3(*_strides3(k)), _I64x3(*_strides3(v))
+    how = None
     if mask is not None:
-        # The tile classes are cached on the caller's mask object itself (a detached copy
-        # would be a new object every call).
         m, is_bool, thr = _mask_operand(mask.detach(), Tk)
+        passes = m.data_ptr() == mask.data_ptr() and _broadcast_strides(m) == _broadcast_strides(mask)
+        how = (passes, is_bool, thr)
         tiles = _tile_classes(lib, mask, m, is_bool, thr, bq, bk)
-        keep += [m, tiles]
-        pr.mask, pr.mask_bool, pr.mask_thr = m.data_ptr(), int(is_bool), thr
+        pr.mask_bool, pr.mask_thr = int(is_bool), thr
         pr.ms = _I64x4(*_broadcast_strides(m))  # 4-dim: strides 0 where size 1
-        pr.tiles = tiles.data_ptr()
         pr.ts = _I64x4(*_broadcast_strides(tiles))
     if p.kind == "sigmoid":
         pr.kind, pr.act, pr.bias, pr.factor = 0, _ACT_CODE["sigmoid"], p.sigmoid_b(Tk), 1.0
@@ -249,7 +251,44 @@ def _problem(lib, q, k, v, mask, p: AttentionParams):
     pr.scale = p.scale
     pr.causal = int(p.is_causal)
     pr.bq, pr.bk = bq, bk
-    pr.threads = threads(B * Hq * Tq * Tk)
+    pr.threads = threads_
+    return pr, how
+
+
+# Templates by call geometry: a converted model calls each site with the same few geometries on
+# every step, so a call copies its template and sets five pointers (~8 µs) instead of filling
+# the struct (~30 µs, a visible part of a small layer's time).
+_templates: dict = {}
+_MAX_TEMPLATES = 4096
+
+
+def _problem(lib, q, k, v, mask, p: AttentionParams):
+    """The C struct for one call, and the tensors it points into (kept alive by the caller)."""
+    B, Hq, Tq, _ = q.shape
+    threads_ = threads(B * Hq * Tq * k.shape[2])
+    mkey = None if mask is None else (mask.shape, mask.stride(), mask.dtype)
+    # Everything the template's fields are computed from (the block override is read here,
+    # so a change of the environment variable is a new template, as it is a new tiling).
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), mkey, p, threads_,
+           os.environ.get(_cpu().ENV_BLOCK, ""))
+    hit = _templates.get(key)
+    if hit is None:
+        hit = _problem_template(lib, q, k, v, mask, p, threads_)
+        if len(_templates) >= _MAX_TEMPLATES:
+            _templates.clear()
+        _templates[key] = hit
+    tpl, how = hit
+    pr = _Problem.from_buffer_copy(tpl)
+    pr.q, pr.k, pr.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    keep = [q, k, v]
+    if mask is not None:
+        passes, is_bool, thr = how
+        m = mask if passes else _mask_operand(mask.detach(), k.shape[2])[0]
+        # The tile classes are cached on the caller's mask object itself (a detached copy
+        # would be a new object every call).
+        tiles = _tile_classes(lib, mask, m, is_bool, thr, pr.bq, pr.bk)
+        keep += [m, tiles]
+        pr.mask, pr.tiles = m.data_ptr(), tiles.data_ptr()
     return pr, keep
 
 
@@ -259,7 +298,7 @@ def _problem(lib, q, k, v, mask, p: AttentionParams):
 
 def forward(q, k, v, mask, p: AttentionParams, layout: str | None = None) -> torch.Tensor:
     lib = load()
-    q32, k32, v32 = _f32(q.detach()), _f32(k.detach()), _f32(v.detach())
+    q32, k32, v32 = _f32(q), _f32(k), _f32(v)
     pr, keep = _problem(lib, q32, k32, v32, mask, p)
     out = empty((*q.shape[:3], v.shape[3]), layout, torch.float32)
     lib.attnswap_forward(ctypes.byref(pr), *_rows(out))
@@ -269,8 +308,8 @@ def forward(q, k, v, mask, p: AttentionParams, layout: str | None = None) -> tor
 
 def backward(grad_out, q, k, v, mask, p: AttentionParams):
     lib = load()
-    q32, k32, v32 = _f32(q.detach()), _f32(k.detach()), _f32(v.detach())
-    do32 = _f32(grad_out.detach())
+    q32, k32, v32 = _f32(q), _f32(k), _f32(v)
+    do32 = _f32(grad_out)
     pr, keep = _problem(lib, q32, k32, v32, mask, p)
     dq, dk, dv = _empty_like(q32), _empty_like(k32), _empty_like(v32)
     lib.attnswap_backward(ctypes.byref(pr), *_rows(do32), *_rows(dq), *_rows(dk), *_rows(dv))
