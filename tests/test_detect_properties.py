@@ -92,7 +92,8 @@ FLAW_REASON = {
     "no_pv_return": ("value matmul",),
     "no_pv_sum": ("value matmul",),
     "softcap": ("soft-capping", "tanh"),
-    "temperature": ("key axis",),
+    # (after a baddbmm, whose input term counts as a mask, the scale-after-mask reason comes first)
+    "temperature": ("key axis", "scaled by a tensor after a mask"),
 }
 
 

@@ -563,3 +563,48 @@ def test_attention_no_graph_shows_is_a_loud_skip_not_silence():
     assert not c.attnswap_report.sites and c.attnswap_report.skipped
     with pytest.raises(attnswap.AttnswapError, match="strict=True"):
         attnswap.convert(HiddenFromDynamo(), "sigmoid", x, strict=True)
+
+
+def _named_block(forward):
+    """A class named ``Block`` in this module, built like generated or reloaded code: two such
+    classes share ``__module__`` and ``__qualname__`` but not their code."""
+    def init(self, d=8, **children):
+        nn.Module.__init__(self)
+        self.q, self.k, self.v = (nn.Linear(d, d) for _ in range(3))
+        for name, child in children.items():
+            setattr(self, name, child)
+    return type("Block", (nn.Module,), {"__init__": init, "forward": forward,
+                                        "__module__": __name__, "__qualname__": "Block"})
+
+
+def _attend(self, x):
+    s = self.q(x) @ self.k(x).transpose(-1, -2) * 0.5
+    return s.softmax(-1) @ self.v(x)
+
+
+def _weights(self, x):  # probabilities returned to the caller: not a site, its region climbs
+    return (self.q(x) @ self.k(x).transpose(-1, -2)).softmax(-1)
+
+
+def _container(self, x):
+    return self.a(x), self.b(x)
+
+
+def test_classes_of_one_name_keep_their_own_code():
+    """Regions of one class share a compiled graph; two classes that only share a name must
+    not (the root region used to run the attention block's compiled forward on itself)."""
+    torch.manual_seed(0)
+    model = _named_block(_container)(a=_named_block(_attend)(), b=_named_block(_weights)())
+    assert len({type(m) for m in model.modules() if type(m).__qualname__ == "Block"}) == 3
+    x = torch.randn(2, 5, 8)
+    for kind in ("softmax", "sigmoid"):
+        conv = attnswap.convert(model, kind, attnswap.ExampleInputs((x,)))
+        assert [r.kind for r in conv.attnswap_report.sites] == [kind], str(conv.attnswap_report)
+        attnswap.reset_call_counts()
+        out, p = conv(x)
+        assert attnswap.total_calls() == 1
+        a = model.a
+        ref = attention_reference(*(t(x).unsqueeze(1) for t in (a.q, a.k, a.v)), None,
+                                  kind=kind, scale=0.5).squeeze(1)
+        torch.testing.assert_close(out, ref, **TOL)
+        torch.testing.assert_close(p, model.b(x), **TOL)

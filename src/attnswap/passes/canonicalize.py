@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .detect import Rejection, Site, find_sites
 from .normalize import is_assertion, is_mutating, shape_of, spell
-from ..runtime.site_call import attention_site, expand_to_scores, mha_site
+from ..runtime.site_call import attention_site, expand_to_scores, mha_site, scores_size
 
 
 @dataclass
@@ -127,10 +127,18 @@ def _record(site: Site, root) -> SiteRecord:
 
 def _emit(gm: fx.GraphModule, site: Site) -> fx.Node:
     g = gm.graph
-    for u in site.shape_users:  # keep `mask.expand_as(scores)` without computing the scores
+    for u in site.shape_users:  # `mask.expand_as(scores)`, `scores.size()`: without the scores
+        kw = {"k_transposed": site.k_transposed}
+        if u in site.shape_static:
+            kw["shape"] = site.shape_static[u]
         with g.inserting_before(u):
-            new_u = g.call_function(expand_to_scores, (u.args[0], site.q, site.k),
-                                    {"k_transposed": site.k_transposed})
+            if u.target == "expand_as":
+                new_u = g.call_function(expand_to_scores, (u.args[0], site.q, site.k), kw)
+            elif u.target == "dim":
+                new_u = g.call_function(int, (len(shape_of(u.args[0])),))  # a constant node
+            else:
+                dims = (*u.args[1:], *u.kwargs.values())
+                new_u = g.call_function(scores_size, (site.q, site.k, *dims), kw)
         new_u.meta.update(u.meta)
         u.replace_all_uses_with(new_u)
         g.erase_node(u)

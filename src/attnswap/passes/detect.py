@@ -67,7 +67,8 @@ class Site:
     out_dtype: Any = None
     mha_call: Any = None  # for pattern "nn.MultiheadAttention": (args, kwargs)
     nodes: list = field(default_factory=list)  # nodes the site replaces (for bookkeeping)
-    shape_users: list = field(default_factory=list)  # `x.expand_as(scores)`: need only a shape
+    shape_users: list = field(default_factory=list)  # `x.expand_as(scores)`, `scores.size()`
+    shape_static: dict = field(default_factory=dict)  # shape user -> the static shape it reads
 
     @property
     def mask_kind(self) -> str:
@@ -91,9 +92,31 @@ class _Reject(Exception):
 
 def _shape_only_user(user: fx.Node, node: fx.Node) -> bool:
     """``user`` reads only ``node``'s shape or dtype (``mask.expand_as(scores)``,
-    ``probs.type_as(scores)``): it does not consume the scores' values."""
-    return (user.op == "call_method" and user.target in ("expand_as", "type_as")
-            and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node)
+    ``probs.type_as(scores)``, ``scores.size()``, ``.size(d)``, ``.dim()``): it does not consume
+    the scores' values."""
+    if user.op != "call_method":
+        return False
+    if user.target in ("expand_as", "type_as"):
+        return len(user.args) == 2 and user.args[1] is node and user.args[0] is not node
+    return _size_read(user, node)
+
+
+def _size_read(user: fx.Node, node: fx.Node) -> bool:
+    """``node.size()``, ``node.size(d)``, ``node.size(dim=d)`` or ``node.dim()`` (a constant
+    axis): a shape check, re-sourced from q and k when the site is rewritten."""
+    if user.op != "call_method" or not user.args or user.args[0] is not node:
+        return False
+    if user.target == "dim":
+        return len(user.args) == 1 and not user.kwargs
+    if user.target != "size":
+        return False
+    dims = list(user.args[1:]) + list(user.kwargs.values())
+    return set(user.kwargs) <= {"dim"} and len(dims) <= 1 and all(type(d) is int for d in dims)
+
+
+def shape_source(user: fx.Node) -> fx.Node:
+    """The node whose shape a re-sourced shape user reads."""
+    return user.args[1] if user.target == "expand_as" else user.args[0]
 
 
 def _norm_dim(d, rank):
@@ -144,8 +167,12 @@ def _scalar_factor(node) -> tuple[Any, float] | None:
     return a, (f if s.op == "mul" else 1.0 / f)
 
 
-def _single_user(node: fx.Node, what: str):
+def _single_user(node: fx.Node, what: str, site=None):
     users = live_users(node)
+    if site is not None:  # shape checks on the probabilities are re-sourced like the scores'
+        reads = [u for u in users if _size_read(u, node)]
+        site.shape_users.extend(reads)
+        users = [u for u in users if u not in reads]
     if len(users) != 1:
         raise _Reject(
             f"the attention {what} have {len(users)} consumers (for example attention weights "
@@ -213,7 +240,7 @@ def _match_probabilities(sm: fx.Node, site: Site):
     """Walk softmax → value matmul; return (pv_node, V, dropout_p)."""
     cur, dropout_p = sm, 0.0
     for _ in range(16):
-        u = _single_user(cur, "probabilities")
+        u = _single_user(cur, "probabilities", site)
         site.nodes.append(u)
         s = spell(u)
         if s is None:
@@ -271,9 +298,10 @@ def _match_scores(sm: fx.Node, site: Site):
         meta_users = [u for u in users if _shape_only_user(u, cur)]
         if len(users) - len(meta_users) != 1:
             raise _Reject(f"intermediate scores `{cur.name}` have {len(users)} consumers")
-        # expand_as must be re-sourced from q and k; a type_as is on the probability chain (then
-        # it goes with the site) or keeps the scores alive, which is still exact.
-        site.shape_users.extend(u for u in meta_users if u.target == "expand_as")
+        # expand_as and size reads must be re-sourced from q and k; a type_as is on the
+        # probability chain (then it goes with the site) or keeps the scores alive, which is
+        # still exact.
+        site.shape_users.extend(u for u in meta_users if u.target != "type_as")
         prev = cur
         if s.op in _PASS_THROUGH:
             cur = s.args[0]
@@ -515,9 +543,23 @@ def match_softmax(sm: fx.Node) -> Site:
         if base_k and base_v and base_k[1] == base_v[1]:
             k, v = base_k[0], base_v[0]
             site.gqa_groups = base_k[1]
+    site.shape_static = {}
+    from_qk = None if qs is None or ks is None else (*qs[:-1], ks[-2])  # (ks: [.., keys, D])
     for u in site.shape_users:
-        if shape_of(u.args[1]) != shape_of(qk_node):
-            raise _Reject("a tensor is expanded to the shape of reshaped scores")
+        # Re-sourced as q's batch and query dims with k's key count; where the shape read is
+        # another one (a broadcasting site, reshaped scores, another layout) a static shape is
+        # recorded instead, and a symbolic one cannot be rebuilt from q and k.
+        want = shape_of(shape_source(u))
+        if want is None or from_qk is None:
+            raise _Reject(f"`{u.format_node()}` reads the shape of the scores, and the graph "
+                          "does not record the shapes to rebuild it from")
+        if want == from_qk:
+            continue
+        if all(type(x) is int for x in want):
+            site.shape_static[u] = want
+        else:
+            raise _Reject(f"`{u.format_node()}` reads the shape of the scores in a layout the "
+                          "canonical op does not rebuild from q and k")
     recognize_causal(site, sshape)
     site.heads = _flattened_heads(steps, sshape, shape_of(sm), qs, vs)
     site.q, site.k, site.v, site.k_transposed = q, k, v, k_transposed

@@ -200,7 +200,9 @@ class Conversion:
 
     def _compiled_for(self, rf: RegionForward):
         shared = rf.previous is None and not (self.spec.include or self.spec.exclude)
-        key = _cls_key(rf.module) if shared else ("instance", rf.path)
+        # The class object, not its name: two classes of one module and qualname (made by a
+        # factory function, or a module reloaded) have other code, and must not share a graph.
+        key = type(rf.module) if shared else ("instance", rf.path)
         fn = self._compiled.get(key)
         if fn is None:
             if rf.previous is None:

@@ -45,10 +45,24 @@ def _to_scores(t: torch.Tensor, at_shape, scores_shape) -> torch.Tensor:
     return t.expand(*shape).reshape(scores_shape)
 
 
-def expand_to_scores(t: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, k_transposed=False):
+def _scores_shape(q: torch.Tensor, k: torch.Tensor, k_transposed: bool, shape) -> tuple:
+    if shape is not None:  # a static shape recorded at compile time (a broadcasting site)
+        return tuple(shape)
+    return (*q.shape[:-1], k.shape[-1] if k_transposed else k.shape[-2])
+
+
+def expand_to_scores(t: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, k_transposed=False,
+                     shape=None):
     """``t.expand_as(q @ kᵀ)`` without computing the scores (GQA: q's heads)."""
-    tk = k.shape[-1] if k_transposed else k.shape[-2]
-    return t.expand(*q.shape[:-1], tk)
+    return t.expand(*_scores_shape(q, k, k_transposed, shape))
+
+
+def scores_size(q: torch.Tensor, k: torch.Tensor, *dim, k_transposed=False, shape=None):
+    """``(q @ kᵀ).size(*dim)`` without computing the scores: a shape check on the scores or
+    probabilities (``if attn_weights.size() != ...: raise``, HF ProphetNet and older HF code) is
+    a node of the graph once dynamo traces with symbolic sizes."""
+    size = torch.Size(_scores_shape(q, k, k_transposed, shape))
+    return size[dim[0]] if dim else size
 
 
 def _legacy_masks(float_masks, bool_masks) -> list:
