@@ -220,3 +220,24 @@ def test_sas_traces_under_dynamo(backend):
                                                                     *mod.parameters()])])
     for a, e in zip(*res):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Hkv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_value_heads_narrower_than_query_heads(Hkv, impl):
+    """DeepSeek-V2/V3's multi-head latent attention: q/k head dim 24, v head dim 8 (this used to
+    crash in the batched head expansion). Identity init reproduces softmax, and every SAS
+    parameter gets a gradient."""
+    torch.manual_seed(0)
+    B, H, T, D, Dv = 2, 4, 16, 24, 8
+    q = torch.randn(B, T, H, D).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, D).transpose(1, 2)
+    v = torch.randn(B, T, Hkv, Dv).transpose(1, 2)
+    mod = SAS(H, Hkv, D)
+    out = mod(q, k, v, None, scale=D ** -0.5, is_causal=True, dropout_p=0.0,
+              options={"impl": impl})
+    assert out.shape == (B, H, T, Dv)
+    ref = attention_reference(q, k, v, None, kind="softmax", scale=D ** -0.5, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in mod.parameters())

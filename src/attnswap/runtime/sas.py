@@ -181,19 +181,23 @@ class SAS(nn.Module):
         math as the modules' own forwards (tests/test_sas_fast.py)."""
         B, H, T, D = q.shape
         Bk, Hkv, Tk, _ = k.shape
+        Dv = v.shape[-1]
         r, D2 = self.ratio, self.dim
-        if Hkv == H and Tk == T and Bk == B:
+        if Hkv == H and Tk == T and Bk == B and Dv == D:
             qk, vh = _expand_heads([self.q_heads, self.k_heads, self.v_heads], [q, k, v]).split(
                 [2, 1])  # split, not slicing: its backward is one cat, not zero-filled copies
             qd, kd = _expand_dims([self.q_dim, self.k_dim], qk.view(2, B * T * r * H, D))
         else:
             qh = _expand_heads([self.q_heads], [q])
-            kh, vh = _expand_heads([self.k_heads, self.v_heads], [k, v]).split([1, 1])
+            if Dv == D:
+                kh, vh = _expand_heads([self.k_heads, self.v_heads], [k, v]).split([1, 1])
+            else:  # (MLA: DeepSeek-V2/V3's value heads are narrower than q/k's)
+                kh, vh = _expand_heads([self.k_heads], [k]), _expand_heads([self.v_heads], [v])
             qd = _expand_dims([self.q_dim], qh.view(1, -1, D))
             kd = _expand_dims([self.k_dim], kh.view(1, -1, D))
         return (qd.view(B, T, r * H, D2).transpose(1, 2),
                 kd.view(Bk, Tk, r * Hkv, D2).transpose(1, 2),
-                vh.view(Bk, Tk, r * Hkv, D).transpose(1, 2))
+                vh.view(Bk, Tk, r * Hkv, Dv).transpose(1, 2))
 
     def forward(self, q, k, v, mask, *, scale, is_causal, dropout_p, options):
         B, H, T, D = q.shape
@@ -202,13 +206,13 @@ class SAS(nn.Module):
             g = H // self.kv_heads
             k, v = k[:, ::g], v[:, ::g]
         q2, k2, v2 = self.expand(q, k, v)
-        r, D2 = self.ratio, self.dim
+        r, D2, Dv = self.ratio, self.dim, v.shape[-1]
         impl = options.get("impl") or impl_default()
-        if D != D2 and q.device.type == "cpu" and impl in ("auto", "sdpa") and dropout_p == 0.0:
+        if Dv < D2 and q.device.type == "cpu" and impl in ("auto", "sdpa") and dropout_p == 0.0:
             # PyTorch's fused CPU kernel needs one head dim for q, k and v; else SDPA runs its
             # unfused math path (2.5x slower fwd+bwd at 8 heads, T = 64). Zero columns of V
             # add nothing to the outputs' first D columns: same math, sliced off below.
-            v2 = F.pad(v2.transpose(1, 2), (0, D2 - D)).transpose(1, 2)
+            v2 = F.pad(v2.transpose(1, 2), (0, D2 - Dv)).transpose(1, 2)
         if mask is not None:
             # SDPA broadcasting aligns a mask from the right: a rank-3 mask [H, Tq, Tk] is
             # per-head (timm LeViT / MaxViT / EfficientFormerV2 attention biases).
@@ -220,4 +224,4 @@ class SAS(nn.Module):
         sas_scale = scale * math.sqrt(D / D2)
         out = attention(q2, k2, v2, mask, kind="softmax", scale=sas_scale, is_causal=is_causal,
                         dropout_p=dropout_p, impl=impl)
-        return _group_mean(out, r, D)
+        return _group_mean(out, r, Dv)
