@@ -132,8 +132,15 @@ def _inputs(b, t, seed, pad: int = 0):
     return x, y, mask
 
 
-def _ran_as_original(caught) -> list[str]:
-    return [str(w.message) for w in caught if "ran as the original" in str(w.message)]
+def _run_both_sites(converted, args):
+    """``converted(*args)``, asserting that both sites ran as the op and none as the original."""
+    attnswap.reset_call_counts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = converted(*args)
+    original = [str(w.message) for w in caught if "ran as the original" in str(w.message)]
+    assert attnswap.total_calls() == 2 and not original, (args[0].shape, original)
+    return out
 
 
 BUILDS = {
@@ -154,12 +161,7 @@ def test_identity_at_every_length(build):
     assert len(converted.attnswap_report.sites) == 2, str(converted.attnswap_report)
     for i, (b, t) in enumerate(SHAPES):
         args = _inputs(b, t, seed=i + 1, pad=2)
-        attnswap.reset_call_counts()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = converted(*args)
-        assert attnswap.total_calls() == 2 and not _ran_as_original(caught), (
-            (b, t), _ran_as_original(caught))
+        out = _run_both_sites(converted, args)
         ref = model(*args)
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
         ref.square().mean().backward()
@@ -181,11 +183,7 @@ def test_sigmoid_runs_at_every_length(check_probs):
     with torch.no_grad():
         for i, (b, t) in enumerate(SHAPES):
             args = _inputs(b, t, seed=i + 1, pad=2)
-            attnswap.reset_call_counts()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = converted(*args)
-            assert attnswap.total_calls() == 2 and not _ran_as_original(caught), (b, t)
+            out = _run_both_sites(converted, args)
             torch.testing.assert_close(out, model.sigmoid_reference(*args), atol=ATOL, rtol=RTOL)
 
 
