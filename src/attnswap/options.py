@@ -313,30 +313,6 @@ def check_convert_args(*, inplace, inner, dynamic, strict):
 # the op's arguments
 
 
-_OP_ARGS_SEEN: dict = {}
-
-
-def check_op_args(*, kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation,
-                  alpha, length, fast_sigmoid, impl) -> dict:
-    """The op's non-tensor arguments, checked and normalized (scale stays None when not given).
-
-    A converted model calls the op with the same few argument sets on every step: each set is
-    checked once. The key holds every value's type, because ``True == 1 == 1.0`` share a hash
-    and type-strictness is the point."""
-    key = op_args_key((kind, scale, is_causal, dropout_p, sigmoid_bias, activation, alpha, length,
-                       fast_sigmoid, impl))
-    if key is not None:
-        hit = _OP_ARGS_SEEN.get(key)
-        if hit is not None:
-            check_seed(dropout_seed)
-            return hit
-    out = _check_op_args(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias,
-                         activation, alpha, length, fast_sigmoid, impl)
-    if key is not None and len(_OP_ARGS_SEEN) < 4096:
-        _OP_ARGS_SEEN[key] = out
-    return dict(out)
-
-
 _HASHABLE = (str, int, float, bool, type(None))
 
 
@@ -357,8 +333,10 @@ def check_seed(dropout_seed):
                                   "one-element integer tensor")
 
 
-def _check_op_args(kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation,
-                   alpha, length, fast_sigmoid, impl) -> dict:
+def check_op_args(*, kind, scale, is_causal, dropout_p, dropout_seed, sigmoid_bias, activation,
+                  alpha, length, fast_sigmoid, impl) -> dict:
+    """The op's non-tensor arguments, checked and normalized (scale stays None when not given).
+    (The op checks each argument set once, under :func:`op_args_key`: ``kernels/op.py``.)"""
     out = dict(
         kind=check_kind(kind, name="kind", choices=OP_KINDS),
         scale=check_real("scale", scale, optional=True, nonzero=True,

@@ -426,7 +426,8 @@ def _call_params(head_dim, kind, scale, is_causal, dropout_p, dropout_seed, sigm
                  activation, alpha, length, fast_sigmoid, impl) -> tuple[AttentionParams, str]:
     """The checked arguments of one call as ``(AttentionParams, impl)``. A converted model calls
     with the same few argument sets on every step: each set (and head dim, for the default
-    scale) is checked and built once, under ``check_op_args``'s type-strict key."""
+    scale) is checked and built once. The key holds every value's type (``op_args_key``),
+    because ``True == 1 == 1.0`` share a hash and type-strictness is the point."""
     key = op_args_key((head_dim, kind, scale, is_causal, dropout_p, sigmoid_bias, activation,
                        alpha, length, fast_sigmoid, impl))
     if key is not None:

@@ -114,7 +114,7 @@ def _size_read(user: fx.Node, node: fx.Node) -> bool:
     return set(user.kwargs) <= {"dim"} and len(dims) <= 1 and all(type(d) is int for d in dims)
 
 
-def shape_source(user: fx.Node) -> fx.Node:
+def _shape_source(user: fx.Node) -> fx.Node:
     """The node whose shape a re-sourced shape user reads."""
     return user.args[1] if user.target == "expand_as" else user.args[0]
 
@@ -543,13 +543,12 @@ def match_softmax(sm: fx.Node) -> Site:
         if base_k and base_v and base_k[1] == base_v[1]:
             k, v = base_k[0], base_v[0]
             site.gqa_groups = base_k[1]
-    site.shape_static = {}
     from_qk = None if qs is None or ks is None else (*qs[:-1], ks[-2])  # (ks: [.., keys, D])
     for u in site.shape_users:
         # Re-sourced as q's batch and query dims with k's key count; where the shape read is
         # another one (a broadcasting site, reshaped scores, another layout) a static shape is
         # recorded instead, and a symbolic one cannot be rebuilt from q and k.
-        want = shape_of(shape_source(u))
+        want = shape_of(_shape_source(u))
         if want is None or from_qk is None:
             raise _Reject(f"`{u.format_node()}` reads the shape of the scores, and the graph "
                           "does not record the shapes to rebuild it from")
